@@ -40,7 +40,8 @@ inline float attention_scale(float scale, index_t dim, char const* where)
   return scale != 0.f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)));
 }
 
-/// Checks shapes, nulls and finiteness of q [q_heads, dim] and keys [kv_heads, n, dim].
+/// Checks shapes and nulls of q [q_heads, dim] and keys [kv_heads, n, dim], and
+/// that q is finite (`check_rows_finite` checks the key rows read).
 template <class Key>
 void check_queries_keys(query_view<float const> q, kv_view<Key const> keys, char const* where)
 {
@@ -57,18 +58,35 @@ void check_queries_keys(query_view<float const> q, kv_view<Key const> keys, char
       PQKV_EXPECTS(std::isfinite(q(h, d)), where, "q(", h, ", ", d, ")=", q(h, d), " is not finite");
     }
   }
-  cpu::parallel_for(kv_heads, [&](index_t g) {
-    for (index_t t = 0; t < n; ++t) {
-      for (index_t d = 0; d < dim; ++d) {
-        float const x = to_float(keys(g, t, d));
-        PQKV_EXPECTS(std::isfinite(x), where, "keys(", g, ", ", t, ", ", d, ")=", x, " is not finite");
+}
+
+/// Throws unless rows tokens[g] of every head g of x [heads, n, d] are finite;
+/// `name` is how the message calls x. Only the rows an attention reads are
+/// checked, so a sparse call costs what it reads, not O(n).
+template <class T>
+void check_rows_finite(kv_view<T const> x, std::vector<std::vector<index_t>> const& tokens, char const* name,
+                       char const* where)
+{
+  cpu::parallel_for(x.extent(0), [&](index_t g) {
+    for (index_t t : tokens[static_cast<std::size_t>(g)]) {
+      for (index_t d = 0; d < x.extent(2); ++d) {
+        float const v = to_float(x(g, t, d));
+        PQKV_EXPECTS(std::isfinite(v), where, name, "(", g, ", ", t, ", ", d, ")=", v, " is not finite");
       }
     }
   });
 }
 
+/// Every token of every head: the lists a dense call reads.
+inline std::vector<std::vector<index_t>> all_tokens(index_t heads, index_t n)
+{
+  std::vector<index_t> all(static_cast<std::size_t>(n));
+  for (index_t t = 0; t < n; ++t) { all[static_cast<std::size_t>(t)] = t; }
+  return std::vector<std::vector<index_t>>(static_cast<std::size_t>(heads), all);
+}
+
 /// Checks values [kv_heads, n, dv] against keys, out [q_heads, dv] and lse
-/// ([q_heads] or empty); values must be finite.
+/// ([q_heads] or empty).
 template <class Key, class Value>
 void check_values_out(index_t q_heads, kv_view<Key const> keys, kv_view<Value const> values, view<float, 2> out,
                       std::span<float> lse, char const* where)
@@ -83,14 +101,6 @@ void check_values_out(index_t q_heads, kv_view<Key const> keys, kv_view<Value co
                ", q_heads=", q_heads);
   PQKV_EXPECTS(out.data_handle() != nullptr, where, "out.data_handle() is null");
   PQKV_EXPECTS(values.data_handle() != nullptr || n == 0, where, "values.data_handle() is null");
-  cpu::parallel_for(kv_heads, [&](index_t g) {
-    for (index_t t = 0; t < n; ++t) {
-      for (index_t d = 0; d < dv; ++d) {
-        float const x = to_float(values(g, t, d));
-        PQKV_EXPECTS(std::isfinite(x), where, "values(", g, ", ", t, ", ", d, ")=", x, " is not finite");
-      }
-    }
-  });
 }
 
 /// The exact logits s_t of q head h over `tokens` of KV head g (contract).
@@ -196,9 +206,9 @@ void attention_dense(query_view<float const> q,                              // 
   pqkv::detail::check_queries_keys(q, k, where);
   pqkv::detail::check_values_out(q.extent(0), k, v, out, lse, where);
   float const s = pqkv::detail::attention_scale(scale, k.extent(2), where);
-  std::vector<index_t> all(static_cast<std::size_t>(k.extent(1)));
-  for (index_t t = 0; t < k.extent(1); ++t) { all[static_cast<std::size_t>(t)] = t; }
-  std::vector<std::vector<index_t>> const lists(static_cast<std::size_t>(k.extent(0)), all);
+  auto const lists = pqkv::detail::all_tokens(k.extent(0), k.extent(1));
+  pqkv::detail::check_rows_finite(k, lists, "keys", where);
+  pqkv::detail::check_rows_finite(v, lists, "values", where);
   pqkv::detail::attend_lists(q, k, v, lists, out, s, lse);
 }
 
@@ -227,6 +237,8 @@ void attention_sparse(query_view<float const> q,                             // 
   PQKV_EXPECTS(selection.extent(0) == k.extent(0), where, "selection.extent(0)=", selection.extent(0),
                ", kv_heads=", k.extent(0));
   auto const lists = pqkv::detail::attended_tokens(selection, k.extent(1), sink, window, where);
+  pqkv::detail::check_rows_finite(k, lists, "keys", where);
+  pqkv::detail::check_rows_finite(v, lists, "values", where);
   pqkv::detail::attend_lists(q, k, v, lists, out, s, lse);
 }
 

@@ -85,6 +85,7 @@ head_metric attention_mass_kept(query_view<float const> q,                      
   PQKV_EXPECTS(selection.extent(0) == kv_heads, where, "selection.extent(0)=", selection.extent(0),
                ", kv_heads=", kv_heads);
   auto const lists = pqkv::detail::attended_tokens(selection, n, sink, window, where);
+  pqkv::detail::check_rows_finite(k, pqkv::detail::all_tokens(kv_heads, n), "keys", where);  // all are read
 
   std::vector<index_t> all(static_cast<std::size_t>(n));
   std::iota(all.begin(), all.end(), index_t{0});

@@ -320,3 +320,31 @@ TEST_CASE("docs/attend.md example")
   CHECK(err > 0.0);
   CHECK(err < 1.0);
 }
+
+TEST_CASE("attention_sparse: checks the rows it reads, not the whole cache")
+{
+  // 2 KV heads, 10 tokens, d = 4; sink 1, window 1, selection {4} and {6}.
+  pqkv::host_tensor<float, 2> q(2, 4);
+  pqkv::host_tensor<float, 3> k(2, 10, 4), v(2, 10, 4);
+  for (auto& x : k.storage()) { x = 0.25f; }
+  for (auto& x : v.storage()) { x = 1.f; }
+  pqkv::host_tensor<std::int32_t, 2> sel(2, 1);
+  sel.view()(0, 0) = 4;
+  sel.view()(1, 0) = 6;
+  pqkv::host_tensor<float, 2> out(2, 4);
+  // A NaN in a row no call reads (head 0, token 5) is not this call's concern.
+  k.view()(0, 5, 2) = std::numeric_limits<float>::quiet_NaN();
+  v.view()(0, 5, 1) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_NOTHROW(pqkv::cpu::attention_sparse(q.const_view(), k.const_view(), v.const_view(), sel.const_view(), 1, 1,
+                                            out.view()));
+  CHECK(out.view()(0, 0) == 1.f);
+  // ... but one in a row it reads is.
+  sel.view()(0, 0) = 5;
+  CHECK_THROWS_WITH_AS(pqkv::cpu::attention_sparse(q.const_view(), k.const_view(), v.const_view(), sel.const_view(),
+                                                   1, 1, out.view()),
+                       doctest::Contains("keys(0, 5, 2)=nan"), pqkv::error);
+  k.view()(0, 5, 2) = 0.f;
+  CHECK_THROWS_WITH_AS(pqkv::cpu::attention_sparse(q.const_view(), k.const_view(), v.const_view(), sel.const_view(),
+                                                   1, 1, out.view()),
+                       doctest::Contains("values(0, 5, 1)=nan"), pqkv::error);
+}
