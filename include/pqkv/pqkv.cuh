@@ -6,3 +6,5 @@
 
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/device_buffer.cuh>
+
+#include <pqkv/score/adc_topk.cuh>

@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: Apache-2.0
+// pqkv::gpu::adc_topk: one decode step (LUT + ADC scores + GQA aggregation +
+// top-k) for 8 KV heads, 32 q heads, d = 128, 4 sink + 64 window tokens.
+// Args: batch, n (tokens per sequence), m, nbits, k (0: n / 5), bpsm (the
+// limits' blocks_per_sm tuning; the batch-1 grid is swept over it).
+// Times are CUDA events around the stream call (manual time), after warm-up;
+// the inputs rotate among copies that together exceed L2, as the codes of
+// successive layers would. Counters: items = sequence tokens scored, bytes =
+// code bytes read, median_us = median of the iterations, graph_median_us =
+// median of replays of the call captured in a CUDA graph.
+// The torch anchors (bench/anchors/torch_adc_topk.py) time the same shapes.
+#include <pqkv/core/device_buffer.cuh>
+#include <pqkv/core/random.hpp>
+#include <pqkv/score/adc_topk.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using pqkv::index_t;
+constexpr index_t kv_heads = 8, q_heads = 32, dim = 128, sink = 4, window = 64;
+
+__global__ void fill_uniform(float* p, std::size_t n, std::uint64_t seed)
+{
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
+    p[i] = static_cast<float>(2.0 * pqkv::detail::random_unit(seed, 0, i) - 1.0);
+  }
+}
+
+__global__ void fill_codes(std::uint8_t* p, std::size_t n, std::uint64_t seed, std::uint64_t ksub)
+{
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
+    p[i] = static_cast<std::uint8_t>(pqkv::detail::random_below(seed, 1, i, ksub));
+  }
+}
+
+template <class Aggregation>
+void BM_gpu_adc_topk(benchmark::State& state)
+{
+  index_t const batch = state.range(0), n = state.range(1), m = state.range(2);
+  int const nbits = static_cast<int>(state.range(3));
+  index_t const k = state.range(4) > 0 ? state.range(4) : n / 5;
+  int const blocks_per_sm = static_cast<int>(state.range(5));
+  pqkv::adc_shape const shape{q_heads, kv_heads, dim, m, nbits};
+  pqkv::gpu::adc_topk<Aggregation> const op{shape, {.k = k, .sink = sink, .window = window},
+                                            {.max_batch = batch, .max_tokens = n, .blocks_per_sm = blocks_per_sm}};
+
+  auto const code_bytes = static_cast<std::size_t>(batch * kv_heads * n * m);
+  std::size_t const copies = std::clamp<std::size_t>((std::size_t{160} << 20) / code_bytes + 1, 1, 8);
+  std::size_t const q_count = static_cast<std::size_t>(batch * q_heads * dim);
+  std::size_t const c_count = static_cast<std::size_t>(kv_heads * m * shape.ksub() * shape.dsub());
+  pqkv::device_buffer<std::uint8_t> codes(code_bytes * copies);
+  pqkv::device_buffer<float> q(q_count * copies), centroids(c_count);
+  pqkv::device_buffer<std::int32_t> lens(static_cast<std::size_t>(batch)), out(static_cast<std::size_t>(batch * kv_heads * k)),
+    valid(static_cast<std::size_t>(batch * kv_heads));
+  pqkv::device_buffer<std::byte> workspace(std::max<std::size_t>(op.workspace_bytes(), 1));
+  fill_codes<<<1024, 256>>>(codes.data(), codes.size(), 1, static_cast<std::uint64_t>(shape.ksub()));
+  PQKV_CUDA_CHECK_LAST();
+  fill_uniform<<<256, 256>>>(q.data(), q.size(), 2);
+  PQKV_CUDA_CHECK_LAST();
+  fill_uniform<<<256, 256>>>(centroids.data(), centroids.size(), 3);
+  PQKV_CUDA_CHECK_LAST();
+  std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
+  PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
+
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  PQKV_CUDA_TRY(cudaEventCreate(&start));
+  PQKV_CUDA_TRY(cudaEventCreate(&stop));
+  std::size_t iter = 0;
+  auto call = [&] {
+    std::size_t const c = iter++ % copies;
+    op(pqkv::make_view(static_cast<float const*>(q.data()) + c * q_count, batch, q_heads, dim),
+       pqkv::make_view(static_cast<std::uint8_t const*>(codes.data()) + c * code_bytes, batch, kv_heads, n, m),
+       pqkv::make_view(static_cast<float const*>(centroids.data()), kv_heads, m, shape.ksub(), shape.dsub()),
+       std::span<std::int32_t const>(lens.data(), static_cast<std::size_t>(batch)),
+       pqkv::make_view(out.data(), batch, kv_heads, k), pqkv::make_view(valid.data(), batch, kv_heads),
+       workspace.span(), stream);
+  };
+  for (int i = 0; i < 5; ++i) { call(); }
+  PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+
+  std::vector<double> times;
+  for (auto _ : state) {
+    PQKV_CUDA_TRY(cudaEventRecord(start, stream));
+    call();
+    PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
+    PQKV_CUDA_TRY(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(static_cast<double>(ms) * 1e-3);
+    times.push_back(static_cast<double>(ms) * 1e3);
+  }
+  std::sort(times.begin(), times.end());
+  state.counters["median_us"] = times.empty() ? 0.0 : times[times.size() / 2];
+
+  // The same call captured in CUDA graphs (one per input copy), as a decode
+  // loop would replay it: launch gaps shrink.
+  std::vector<cudaGraphExec_t> graphs(copies, nullptr);
+  for (std::size_t c = 0; c < copies; ++c) {
+    cudaGraph_t graph = nullptr;
+    iter = c;
+    PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    call();
+    PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
+    PQKV_CUDA_TRY(cudaGraphInstantiate(&graphs[c], graph, 0));
+    PQKV_CUDA_TRY(cudaGraphDestroy(graph));
+  }
+  for (std::size_t c = 0; c < copies; ++c) { PQKV_CUDA_TRY(cudaGraphLaunch(graphs[c], stream)); }
+  std::vector<double> graph_times;
+  for (std::size_t i = 0; i < std::max<std::size_t>(times.size(), 20); ++i) {
+    PQKV_CUDA_TRY(cudaEventRecord(start, stream));
+    PQKV_CUDA_TRY(cudaGraphLaunch(graphs[i % copies], stream));
+    PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
+    PQKV_CUDA_TRY(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
+    graph_times.push_back(static_cast<double>(ms) * 1e3);
+  }
+  std::sort(graph_times.begin(), graph_times.end());
+  state.counters["graph_median_us"] = graph_times[graph_times.size() / 2];
+  for (auto g : graphs) { PQKV_CUDA_TRY(cudaGraphExecDestroy(g)); }
+  state.counters["k"] = static_cast<double>(k);
+  state.SetItemsProcessed(state.iterations() * batch * n);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(code_bytes));
+  PQKV_CUDA_TRY(cudaEventDestroy(start));
+  PQKV_CUDA_TRY(cudaEventDestroy(stop));
+  PQKV_CUDA_TRY(cudaStreamDestroy(stream));
+}
+
+void main_grid(benchmark::internal::Benchmark* b)
+{
+  b->ArgNames({"batch", "n", "m", "nbits", "k", "bpsm"});
+  for (std::int64_t batch : {1, 8}) {
+    for (std::int64_t n : {32768, 131072, 1048576}) {
+      for (std::int64_t m : {2, 4, 8, 16}) {
+        for (std::int64_t k : {std::int64_t{2048}, std::int64_t{0}}) {
+          for (std::int64_t bpsm : {2, 4, 8}) {
+            if (batch == 1 || bpsm == 4) { b->Args({batch, n, m, 8, k, bpsm}); }
+          }
+        }
+      }
+    }
+  }
+  for (std::int64_t n : {32768, 131072, 1048576}) { b->Args({1, n, 2, 6, 0, 4}); }  // PQCache's default (m, bits)
+}
+
+void sum_grid(benchmark::internal::Benchmark* b)
+{
+  b->ArgNames({"batch", "n", "m", "nbits", "k", "bpsm"});
+  for (std::int64_t n : {32768, 131072, 1048576}) {
+    for (std::int64_t k : {std::int64_t{2048}, std::int64_t{0}}) {
+      for (std::int64_t bpsm : {2, 4, 8}) { b->Args({1, n, 8, 8, k, bpsm}); }
+    }
+  }
+}
+
+BENCHMARK(BM_gpu_adc_topk<pqkv::gqa::softmax_sum>)
+  ->Apply(main_grid)
+  ->UseManualTime()
+  ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_gpu_adc_topk<pqkv::gqa::sum>)->Apply(sum_grid)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+}  // namespace

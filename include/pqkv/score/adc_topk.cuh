@@ -1,0 +1,259 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// @file `pqkv::gpu::adc_topk`: the fused GPU PQ scorer of a decode step for a
+/// batch of sequences. It follows the contract of `pqkv::cpu::adc_topk`
+/// (score/adc_topk.hpp) and selects the same tokens:
+/// - `gqa::sum`, `gqa::max`: the same logits, scores and selection, bit for bit
+///   (the LUT is the contract's fma chain; the logit and aggregation steps are
+///   rounded one by one with `__fadd_rn` / `__fmul_rn`).
+/// - `gqa::softmax_sum`: the per-q-head max is exact; Z is summed in double in
+///   another order and `expf` may differ from the host's by an ulp, so scores
+///   may differ by a few ulp and selections may differ at near-ties only.
+///
+/// Per call, for every sequence b and KV head g: the candidates are the tokens
+/// [sink, n_b - window) with n_b = seq_lens[b] read on the device (clamped to
+/// [0, capacity]); k is clamped to their count on the device; out[b][g] gets
+/// the selected token indices ascending, then -1; valid_counts[b][g] the
+/// number selected.
+///
+/// Memory and ordering: the caller owns everything. The call allocates
+/// nothing, never synchronizes and never reads device memory on the host, so
+/// it can be captured in a CUDA graph and replayed while seq_lens grows.
+/// Scratch comes from `workspace` (`workspace_bytes()`); it holds the LUTs,
+/// one 32-bit rank key per token (the scores are written once and re-read by
+/// the selection passes, from L2 at decode sizes), the radix histograms,
+/// per-chunk counts and, for softmax policies, the r logits of every token
+/// (written by the first pass, read by the max/sum and scoring passes). A
+/// workspace must not be shared by calls that may run concurrently.
+///
+/// Determinism: the same inputs give the same outputs on the same device
+/// (fixed reduction orders; the block that resolves a radix digit is whichever
+/// finishes last, but every block would compute the same digit).
+///
+/// Layouts (row-major): queries [batch, q_heads, dim] float; codes
+/// [batch, kv_heads, capacity, m] uint8 (capacity is the codes' token
+/// extent, at most `limits.max_tokens`); centroids [kv_heads, m, ksub, dsub]
+/// float, one codebook per KV head shared by the batch's sequences.
+///
+/// Not checked (they live in device memory): queries and centroids must be
+/// finite, and codes < ksub (a larger code is read modulo ksub, so memory
+/// stays safe but the scores are then not the reference's).
+
+#include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/error.hpp>
+#include <pqkv/core/views.hpp>
+#include <pqkv/detail/adc_topk_kernels.cuh>
+#include <pqkv/score/adc_topk.hpp>
+#include <pqkv/score/gqa.hpp>
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+namespace pqkv::gpu {
+
+/// The largest batch and sequence capacity one `adc_topk` serves; they size
+/// the workspace and the launch grids.
+struct adc_limits {
+  index_t max_batch = 1;          ///< sequences per call
+  index_t max_tokens = 131072;    ///< codes.extent(2) (token capacity) per call
+  /// Tuning: blocks per SM that a full batch's token split aims for (more
+  /// blocks hide latency; each block of the score kernel loads its row's LUT).
+  int blocks_per_sm = 4;
+
+  /// Throws `pqkv::error` naming the first field out of range.
+  void validate(char const* where = "adc_limits") const
+  {
+    PQKV_EXPECTS(max_batch > 0, where, "limits.max_batch=", max_batch, " must be positive");
+    PQKV_EXPECTS(max_tokens > 0, where, "limits.max_tokens=", max_tokens, " must be positive");
+    PQKV_EXPECTS(max_tokens <= index_t{std::numeric_limits<std::int32_t>::max()}, where, "limits.max_tokens=",
+                 max_tokens, " exceeds the int32 token range");
+    PQKV_EXPECTS(blocks_per_sm > 0 && blocks_per_sm <= 64, where, "limits.blocks_per_sm=", blocks_per_sm,
+                 " is outside [1, 64]");
+  }
+};
+
+/// Fused LUT + ADC scoring + GQA aggregation + top-k on the GPU, for a batch
+/// of sequences (the file's contract). Built once per shape; each call is one
+/// decode step, stream-ordered and graph-capturable. Calls are const; the
+/// object may be shared by threads that give each call its own workspace.
+template <GqaAggregation Aggregation = gqa::softmax_sum>
+class adc_topk {
+ public:
+  /// Validates the shape, params and limits against the current device (the
+  /// group's LUT must fit in one block's shared memory; q_heads / kv_heads
+  /// <= 8) and raises the kernels' shared-memory limit (a host call, once, so
+  /// that calls stay capturable); throws `pqkv::error`. Calls must run on the
+  /// device that was current here.
+  adc_topk(adc_shape const& shape, selection_params const& params, adc_limits const& limits, Aggregation agg = {})
+    : shape_{shape}, params_{params}, limits_{limits}, agg_{agg}
+  {
+    constexpr char const* where = "gpu::adc_topk";
+    shape_.validate(where);
+    params_.validate(where);
+    limits_.validate(where);
+    namespace kern = pqkv::detail::adc_gpu;
+    PQKV_EXPECTS(shape_.group() <= kern::max_group, where, "q_heads / kv_heads=", shape_.group(), " exceeds ",
+                 kern::max_group);
+    PQKV_EXPECTS(limits_.max_batch * shape_.kv_heads <= 65535, where, "limits.max_batch * kv_heads=",
+                 limits_.max_batch * shape_.kv_heads, " exceeds 65535 rows");
+    scale_ = params_.resolved_scale(shape_.dim);
+
+    int device = 0, sms = 0, smem_optin = 0;
+    PQKV_CUDA_TRY(cudaGetDevice(&device));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    smem_bytes_ = kern::score_smem_bytes(static_cast<int>(shape_.m), static_cast<int>(shape_.ksub()),
+                                      static_cast<int>(shape_.group()));
+    PQKV_EXPECTS(smem_bytes_ + 1024 <= static_cast<std::size_t>(smem_optin), where, "the group's LUT (m=", shape_.m,
+                 ", ksub=", shape_.ksub(), ", q_heads / kv_heads=", shape_.group(), ") needs ", smem_bytes_,
+                 " bytes of shared memory; the device allows ", smem_optin);
+    kern::prepare_score_kernels<Aggregation>(smem_bytes_);
+
+    // Split each row's tokens so that a full batch gives a few blocks per SM.
+    index_t const rows = limits_.max_batch * shape_.kv_heads;
+    index_t const target_blocks = static_cast<index_t>(sms > 0 ? sms : 132) * limits_.blocks_per_sm;
+    index_t const chunks_per_row = target_blocks / rows > 1 ? target_blocks / rows : 1;
+    index_t chunk = (limits_.max_tokens + chunks_per_row - 1) / chunks_per_row;
+    chunk = (chunk + kern::block_threads - 1) / kern::block_threads * kern::block_threads;
+    chunk_tokens_ = chunk < 1024 ? 1024 : chunk;
+    max_chunks_ = (limits_.max_tokens + chunk_tokens_ - 1) / chunk_tokens_;
+    layout_ = kern::workspace_layout::make(rows, limits_.max_batch, static_cast<int>(shape_.q_heads),
+                                        static_cast<int>(shape_.group()), static_cast<int>(shape_.m),
+                                        static_cast<int>(shape_.ksub()), limits_.max_tokens, max_chunks_,
+                                        Aggregation::needs_softmax);
+  }
+
+  [[nodiscard]] adc_shape const& shape() const noexcept { return shape_; }
+  [[nodiscard]] selection_params const& params() const noexcept { return params_; }
+  [[nodiscard]] adc_limits const& limits() const noexcept { return limits_; }
+  /// The logit scale in use (params.scale, or 1/sqrt(dim) when that is 0).
+  [[nodiscard]] float scale() const noexcept { return scale_; }
+  /// Bytes of scratch a call needs (16-byte aligned start).
+  [[nodiscard]] std::size_t workspace_bytes() const noexcept { return layout_.total; }
+  /// Candidate tokens one block scores (the split of each row).
+  [[nodiscard]] index_t chunk_tokens() const noexcept { return chunk_tokens_; }
+
+  /// Selects up to k tokens per (sequence, KV head); see the file's contract.
+  /// Throws `pqkv::error` before any launch on a shape mismatch, a batch or
+  /// capacity over the limits, k > out.extent(2), a null or misaligned
+  /// pointer, or a workspace that is too small.
+  void operator()(view<float const, 3> queries,              // [batch, q_heads, dim], device
+                  view<std::uint8_t const, 4> codes,         // [batch, kv_heads, capacity, m], device
+                  centroids_view<float const> centroids,     // [kv_heads, m, ksub, dsub], device
+                  std::span<std::int32_t const> seq_lens,    // [batch], device
+                  view<std::int32_t, 3> out,                 // [batch, kv_heads, >= k], device; ascending, -1 padded
+                  view<std::int32_t, 2> valid_counts,        // [batch, kv_heads], device
+                  std::span<std::byte> workspace,            // workspace_bytes(), device
+                  cudaStream_t stream) const
+  {
+    constexpr char const* where = "gpu::adc_topk";
+    namespace kern = pqkv::detail::adc_gpu;
+    index_t const batch = queries.extent(0);
+    PQKV_EXPECTS(batch <= limits_.max_batch, where, "queries.extent(0)=", batch, " exceeds limits.max_batch=",
+                 limits_.max_batch);
+    PQKV_EXPECTS(queries.extent(1) == shape_.q_heads, where, "queries.extent(1)=", queries.extent(1),
+                 ", shape.q_heads=", shape_.q_heads);
+    PQKV_EXPECTS(queries.extent(2) == shape_.dim, where, "queries.extent(2)=", queries.extent(2), ", shape.dim=",
+                 shape_.dim);
+    PQKV_EXPECTS(codes.extent(0) == batch, where, "codes.extent(0)=", codes.extent(0), ", batch=", batch);
+    PQKV_EXPECTS(codes.extent(1) == shape_.kv_heads, where, "codes.extent(1)=", codes.extent(1),
+                 ", shape.kv_heads=", shape_.kv_heads);
+    PQKV_EXPECTS(codes.extent(3) == shape_.m, where, "codes.extent(3)=", codes.extent(3), ", shape.m=", shape_.m);
+    index_t const capacity = codes.extent(2);
+    PQKV_EXPECTS(capacity <= limits_.max_tokens, where, "codes.extent(2)=", capacity, " exceeds limits.max_tokens=",
+                 limits_.max_tokens);
+    check_centroids(centroids, shape_.config(), shape_.kv_heads, where);
+    PQKV_EXPECTS(static_cast<index_t>(seq_lens.size()) == batch, where, "seq_lens.size()=", seq_lens.size(),
+                 ", batch=", batch);
+    PQKV_EXPECTS(out.extent(0) == batch && out.extent(1) == shape_.kv_heads, where, "out extents (", out.extent(0),
+                 ", ", out.extent(1), ", ", out.extent(2), ") differ from (batch, kv_heads, k)=(", batch, ", ",
+                 shape_.kv_heads, ", ", params_.k, ")");
+    PQKV_EXPECTS(params_.k <= out.extent(2), where, "params.k=", params_.k, " exceeds out.extent(2)=", out.extent(2));
+    PQKV_EXPECTS(out.extent(2) <= index_t{std::numeric_limits<std::int32_t>::max()}, where, "out.extent(2)=",
+                 out.extent(2), " exceeds the int32 range");
+    PQKV_EXPECTS(valid_counts.extent(0) == batch && valid_counts.extent(1) == shape_.kv_heads, where,
+                 "valid_counts extents (", valid_counts.extent(0), ", ", valid_counts.extent(1),
+                 ") differ from (batch, kv_heads)=(", batch, ", ", shape_.kv_heads, ")");
+    if (batch == 0) { return; }
+    PQKV_EXPECTS(queries.data_handle() != nullptr, where, "queries.data_handle() is null");
+    PQKV_EXPECTS(codes.data_handle() != nullptr || capacity == 0, where, "codes.data_handle() is null");
+    PQKV_EXPECTS(seq_lens.data() != nullptr, where, "seq_lens.data() is null");
+    PQKV_EXPECTS(out.data_handle() != nullptr || out.extent(2) == 0, where, "out.data_handle() is null");
+    PQKV_EXPECTS(valid_counts.data_handle() != nullptr, where, "valid_counts.data_handle() is null");
+    // The score kernel reads a token's m code bytes as one vector when m is a
+    // power of two up to 32.
+    auto const code_align = static_cast<std::uintptr_t>(shape_.m <= 16 ? shape_.m : 16);
+    bool const vector_m = shape_.m == 1 || shape_.m == 2 || shape_.m == 4 || shape_.m == 8 || shape_.m == 16 ||
+                          shape_.m == 32;
+    PQKV_EXPECTS(!vector_m || reinterpret_cast<std::uintptr_t>(codes.data_handle()) % code_align == 0, where,
+                 "codes.data_handle() is not aligned to ", code_align, " bytes (m=", shape_.m, ")");
+    PQKV_EXPECTS(workspace.size() >= layout_.total, where, "workspace.size()=", workspace.size(), " < workspace_bytes()=",
+                 layout_.total);
+    PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
+    PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data()) % 16 == 0, where,
+                 "workspace.data() is not 16-byte aligned");
+    if (capacity == 0) {
+      // No token can be a candidate: only the padding and zero counts remain.
+      PQKV_CUDA_TRY(cudaMemsetAsync(valid_counts.data_handle(), 0,
+                                    static_cast<std::size_t>(batch * shape_.kv_heads) * sizeof(std::int32_t),
+                                    stream));
+      if (out.extent(2) > 0) {
+        PQKV_CUDA_TRY(cudaMemsetAsync(out.data_handle(), 0xFF,
+                                      static_cast<std::size_t>(element_count(out)) * sizeof(std::int32_t), stream));
+      }
+      return;
+    }
+
+    std::byte* ws = workspace.data();
+    kern::args a{};
+    a.q = queries.data_handle();
+    a.codes = codes.data_handle();
+    a.centroids = centroids.data_handle();
+    a.seq_lens = seq_lens.data();
+    a.out = out.data_handle();
+    a.valid = valid_counts.data_handle();
+    a.lut = reinterpret_cast<float*>(ws + layout_.lut);
+    a.keys = reinterpret_cast<std::uint32_t*>(ws + layout_.keys);
+    a.hist = reinterpret_cast<std::uint32_t*>(ws + layout_.hist);
+    a.chunk_counts = reinterpret_cast<std::uint32_t*>(ws + layout_.chunk_counts);
+    a.done = reinterpret_cast<std::uint32_t*>(ws + layout_.done);
+    a.state = reinterpret_cast<std::uint32_t*>(ws + layout_.state);
+    a.logits = reinterpret_cast<float*>(ws + layout_.logits);
+    a.part_max = reinterpret_cast<float*>(ws + layout_.part_max);
+    a.part_sum = reinterpret_cast<double*>(ws + layout_.part_sum);
+    a.capacity = capacity;
+    a.sink = params_.sink;
+    a.window = params_.window;
+    a.q_heads = static_cast<int>(shape_.q_heads);
+    a.kv_heads = static_cast<int>(shape_.kv_heads);
+    a.r = static_cast<int>(shape_.group());
+    a.dim = static_cast<int>(shape_.dim);
+    a.m = static_cast<int>(shape_.m);
+    a.dsub = static_cast<int>(shape_.dsub());
+    a.ksub = static_cast<int>(shape_.ksub());
+    a.k = static_cast<int>(params_.k);
+    a.out_k = static_cast<int>(out.extent(2));
+    a.chunk_tokens = static_cast<int>(chunk_tokens_);
+    a.max_chunks = static_cast<int>(max_chunks_);
+    a.scale = scale_;
+    auto const chunks = static_cast<int>((capacity + chunk_tokens_ - 1) / chunk_tokens_);
+    kern::launch(a, agg_, batch, chunks, stream);
+  }
+
+ private:
+  adc_shape shape_;
+  selection_params params_;
+  adc_limits limits_;
+  Aggregation agg_;
+  float scale_ = 1.f;
+  std::size_t smem_bytes_ = 0;
+  index_t chunk_tokens_ = 1024;
+  index_t max_chunks_ = 1;
+  pqkv::detail::adc_gpu::workspace_layout layout_{};
+};
+
+}  // namespace pqkv::gpu
