@@ -11,3 +11,20 @@
 #include <pqkv/core/views.hpp>
 
 #include <pqkv/codebook/codebook.hpp>
+#include <pqkv/codebook/kmeans.hpp>
+
+#include <pqkv/encode/encode.hpp>
+#include <pqkv/decode/reconstruct.hpp>
+
+#include <pqkv/score/adc_topk.hpp>
+#include <pqkv/score/exact.hpp>
+#include <pqkv/score/gqa.hpp>
+#include <pqkv/score/lut.hpp>
+#include <pqkv/score/topk.hpp>
+
+#include <pqkv/attend/dense.hpp>
+#include <pqkv/attend/metrics.hpp>
+
+#include <pqkv/cache/block_lfu.hpp>
+#include <pqkv/cache/policy.hpp>
+#include <pqkv/cache/slot_table.hpp>
