@@ -4,6 +4,8 @@
 #include <pqkv/core/host_tensor.hpp>
 #include <pqkv/core/random.hpp>
 
+#include "common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -15,14 +17,9 @@
 
 namespace {
 
-using pqkv::index_t;
+using pqkv::test::noise;
 
-float noise(std::uint64_t seed, std::uint64_t i)
-{
-  double s = 0;
-  for (std::uint64_t r = 0; r < 4; ++r) { s += pqkv::detail::random_unit(seed, i, r); }
-  return static_cast<float>(s - 2.0);
-}
+using pqkv::index_t;
 
 template <class T, std::size_t R>
 void fill(pqkv::host_tensor<T, R>& t, std::uint64_t seed, float gain = 1.f)

@@ -4,6 +4,8 @@
 #include <pqkv/core/parallel.hpp>
 #include <pqkv/core/random.hpp>
 
+#include "common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -16,19 +18,9 @@
 
 namespace {
 
-using pqkv::index_t;
+using pqkv::test::error_message;
 
-/// The message of the pqkv::error that `fn` throws ("" when it throws none).
-template <class Fn>
-std::string error_message(Fn&& fn)
-{
-  try {
-    fn();
-  } catch (pqkv::error const& e) {
-    return e.what();
-  }
-  return {};
-}
+using pqkv::index_t;
 
 bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "common/keygen.hpp"
+#include "common/test_util.hpp"
 
 #include <pqkv/core/error.hpp>
 
@@ -14,6 +15,8 @@
 
 namespace {
 
+using pqkv::test::error_message;
+
 using pqkv::index_t;
 using pqkv::test::keygen_config;
 
@@ -25,17 +28,6 @@ keygen_config small_config(index_t tokens = 1024)
   cfg.q_per_kv = 4;
   cfg.tokens = tokens;
   return cfg;
-}
-
-template <class Fn>
-std::string error_message(Fn&& fn)
-{
-  try {
-    fn();
-  } catch (pqkv::error const& e) {
-    return e.what();
-  }
-  return {};
 }
 
 bool same_bits(std::vector<float> const& a, std::vector<float> const& b)

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "common/npy.hpp"
+#include "common/test_util.hpp"
 
 #include <pqkv/core/random.hpp>
 
@@ -19,6 +20,8 @@
 #include <vector>
 
 namespace {
+
+using pqkv::test::error_message;
 
 namespace fs = std::filesystem;
 using pqkv::index_t;
@@ -86,17 +89,6 @@ template <class T>
 std::string raw(std::vector<T> const& v)
 {
   return {reinterpret_cast<char const*>(v.data()), v.size() * sizeof(T)};
-}
-
-template <class Fn>
-std::string error_message(Fn&& fn)
-{
-  try {
-    fn();
-  } catch (pqkv::error const& e) {
-    return e.what();
-  }
-  return {};
 }
 
 }  // namespace

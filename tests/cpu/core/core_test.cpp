@@ -2,6 +2,8 @@
 #include <pqkv/pqkv.hpp>
 #include <pqkv/core/random.hpp>
 
+#include "common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <numeric>
@@ -10,17 +12,8 @@
 #include <vector>
 
 namespace {
-/// The message of the pqkv::error that `fn` throws ("" when it throws none).
-template <class Fn>
-std::string error_message(Fn&& fn)
-{
-  try {
-    fn();
-  } catch (pqkv::error const& e) {
-    return e.what();
-  }
-  return {};
-}
+
+using pqkv::test::error_message;
 }  // namespace
 
 TEST_CASE("pq_config: accepts the documented ranges")

@@ -5,6 +5,8 @@
 #include <pqkv/decode/reconstruct.hpp>
 #include <pqkv/encode/encode.hpp>
 
+#include "common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -15,15 +17,9 @@
 
 namespace {
 
-using pqkv::index_t;
+using pqkv::test::noise;
 
-/// Gaussian-ish values (sum of uniforms), a pure function of (seed, i).
-float noise(std::uint64_t seed, std::uint64_t i)
-{
-  double s = 0;
-  for (std::uint64_t r = 0; r < 4; ++r) { s += pqkv::detail::random_unit(seed, i, r); }
-  return static_cast<float>(s - 2.0);
-}
+using pqkv::index_t;
 
 pqkv::host_tensor<float, 3> random_keys(index_t heads, index_t tokens, index_t dim, std::uint64_t seed)
 {

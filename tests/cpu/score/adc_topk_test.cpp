@@ -7,6 +7,8 @@
 #include <pqkv/score/exact.hpp>
 #include <pqkv/score/lut.hpp>
 
+#include "common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -18,15 +20,10 @@
 
 namespace {
 
+using pqkv::test::noise;
+
 using pqkv::index_t;
 constexpr float ninf = -std::numeric_limits<float>::infinity();
-
-float noise(std::uint64_t seed, std::uint64_t i)
-{
-  double s = 0;
-  for (std::uint64_t r = 0; r < 4; ++r) { s += pqkv::detail::random_unit(seed, i, r); }
-  return static_cast<float>(s - 2.0);
-}
 
 /// A random PQ problem: queries, codes and centroids of `shape` over n tokens.
 struct problem {
