@@ -31,5 +31,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ ! -d /usr/local/cuda/include ]; then
     mkdir -p .deps/cuda-headers
     for whl in "$tmp"/*.whl; do python3 -m zipfile -e "$whl" .deps/cuda-headers; done
     rm -rf "$tmp"
+    # The wheel keeps the headers in include/cccl but its CMake files look for
+    # them in cccl/include.
+    ln -sfn ../include/cccl .deps/cuda-headers/nvidia/cu13/cccl/include
   fi
 fi
