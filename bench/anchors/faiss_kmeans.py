@@ -245,8 +245,15 @@ def summarize(out_dir):
     print(text)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)
+    # Keep file names, not where this machine keeps them.
+    meta["openblas"] = os.path.basename(meta.get("openblas", "").rstrip("/"))
+    for data in anchors.values():
+        data["blas"] = [os.path.basename(p) for p in data.get("blas", [])]
+    context = dict(gb.get("context", {}))
+    if "executable" in context:
+        context["executable"] = os.path.basename(context["executable"])
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "faiss": anchors, "pqkv_context": gb.get("context")}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "faiss": anchors, "pqkv_context": context}, f, indent=2)
     return 0
 
 
