@@ -29,6 +29,7 @@
 
 #include <cub/block/block_scan.cuh>
 #include <cuda/std/limits>
+#include <cuda/std/utility>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -587,6 +588,29 @@ __global__ void __launch_bounds__(block_threads) refine_kernel(args a, int pass)
   finish_pass(a, row, pass, ri.k_eff, ri.chunks, temp, s_pick);
 }
 
+/// Block-wide sums of two per-thread counters, returned to every thread.
+/// `s_red` is the caller's shared scratch of 2 x warps words.
+__device__ __forceinline__ cuda::std::pair<std::uint32_t, std::uint32_t> block_sum_pair(
+  std::uint32_t a, std::uint32_t b, std::uint32_t (&s_red)[2][warps])
+{
+  for (int o = 16; o > 0; o /= 2) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (lane == 0) {
+    s_red[0][warp] = a;
+    s_red[1][warp] = b;
+  }
+  __syncthreads();
+  std::uint32_t a_sum = 0, b_sum = 0;
+  for (int w = 0; w < warps; ++w) {
+    a_sum += s_red[0][w];
+    b_sum += s_red[1][w];
+  }
+  return {a_sum, b_sum};
+}
+
 /// grid (chunks, rows): how many of the chunk's keys are above the threshold
 /// key T and how many equal it.
 template <int Unused = 0>
@@ -607,22 +631,8 @@ __global__ void __launch_bounds__(block_threads) count_kernel(args a)
     gt += key > th.key ? 1u : 0u;
     eq += key == th.key ? 1u : 0u;
   }
-  for (int o = 16; o > 0; o /= 2) {
-    gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    eq += __shfl_xor_sync(0xffffffffu, eq, o);
-  }
-  int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-  if (lane == 0) {
-    s_red[0][warp] = gt;
-    s_red[1][warp] = eq;
-  }
-  __syncthreads();
+  auto const [g_sum, e_sum] = block_sum_pair(gt, eq, s_red);
   if (threadIdx.x == 0) {
-    std::uint32_t g_sum = 0, e_sum = 0;
-    for (int w = 0; w < warps; ++w) {
-      g_sum += s_red[0][w];
-      e_sum += s_red[1][w];
-    }
     std::uint32_t* cc = a.chunk_counts + (static_cast<std::size_t>(row) * a.max_chunks + chunk) * 2;
     cc[0] = g_sum;
     cc[1] = e_sum;
@@ -655,21 +665,7 @@ __global__ void __launch_bounds__(block_threads) emit_kernel(args a)
     gt += cc[2 * c];
     eq += cc[2 * c + 1];
   }
-  for (int o = 16; o > 0; o /= 2) {
-    gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    eq += __shfl_xor_sync(0xffffffffu, eq, o);
-  }
-  int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-  if (lane == 0) {
-    s_red[0][warp] = gt;
-    s_red[1][warp] = eq;
-  }
-  __syncthreads();
-  std::uint32_t gt_before = 0, eq_before = 0;
-  for (int w = 0; w < warps; ++w) {
-    gt_before += s_red[0][w];
-    eq_before += s_red[1][w];
-  }
+  auto [gt_before, eq_before] = block_sum_pair(gt, eq, s_red);
   std::uint32_t pos = gt_before + (eq_before < th.remaining ? eq_before : th.remaining);
 
   index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
