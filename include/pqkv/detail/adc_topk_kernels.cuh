@@ -3,23 +3,30 @@
 /// @file Kernels of `pqkv::gpu::adc_topk` (score/adc_topk.cuh). Users never
 /// name this header.
 ///
-/// One decode step is a chain of stream-ordered launches, each over a grid of
-/// (token chunk, row), a row being one (sequence, KV head):
-///   lut      LUT [row, m, ksub, r] into the workspace; zeroes the histograms
-///            and counters
-///   score    (softmax policies: two statistic phases first) scores every
-///            candidate of the chunk, writes its 32-bit rank key to the
-///            workspace and adds its top 11 bits to the row's histogram
-///   refine   x2: histograms the next 11 and then the last 10 key bits among
-///            the keys that match the threshold prefix found so far
-///   count    per chunk: keys above the threshold key T, keys equal to T
-///   emit     writes the selected token indices, ascending, at offsets given
-///            by the earlier chunks' counts; pads with -1
-/// After each histogram pass, the last block of the row to finish (an atomic
-/// counter) resolves that pass's digit of the threshold and stores it; the
-/// next kernel in the stream reads it. The digit does not depend on which
-/// block is last, so results do not depend on block order. Sequence lengths
-/// are read on the device; blocks past a row's candidates exit at once.
+/// One decode step is three stream-ordered launches:
+///   lut      grid (m, rows, ksub / 32): the LUT of every row (one (sequence,
+///            KV head)) into the workspace
+///   score    grid (chunks, rows), all SMs busy whatever the batch: scores
+///            every candidate of its chunk of tokens from the codes. gqa::sum
+///            and gqa::max write each token's 32-bit rank key and add its top
+///            11 bits to the row's histogram; softmax
+///            policies write the r logits of each token and the chunk's
+///            online softmax statistics (max and sum of exp per q head)
+///   select   one thread-block cluster of C blocks per row, each block owning
+///            a contiguous slice of the row's candidates: (softmax: the row's
+///            max and Z from the chunks' statistics, in chunk order, then the
+///            keys) the keys of its slice into shared memory when they fit;
+///            3 radix passes (11 + 11 + 10 bits) in which the cluster sums
+///            the blocks' histograms through distributed shared memory (each
+///            block sums 1/C of the bins over all blocks) and every block
+///            finds the same digit of the k-th best key T; then each block
+///            counts its keys above and equal to T, takes the counts of the
+///            lower-ranked blocks (their tokens come first) and writes its
+///            selected token indices ascending.
+/// score and select start as programmatic dependents of the kernel before
+/// them (their launch overlaps its tail; they wait for its results with
+/// griddepcontrol.wait). Every reduction has a fixed order, so results do not
+/// depend on scheduling. Sequence lengths are read on the device.
 
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/views.hpp>
@@ -27,9 +34,9 @@
 #include <pqkv/score/lut.hpp>
 #include <pqkv/score/topk.hpp>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 #include <cuda/std/limits>
-#include <cuda/std/utility>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -37,39 +44,46 @@
 
 namespace pqkv::detail::adc_gpu {
 
-inline constexpr int block_threads = 256;
-inline constexpr int max_group = 8;        ///< largest q-heads-per-KV-head group the kernels take
-inline constexpr int hist_bins = 2048;     ///< 11 key bits per pass (the last pass uses 10)
-inline constexpr int radix_passes = 3;     ///< 11 + 11 + 10 bits of the 32-bit score key
-inline constexpr int warps = block_threads / 32;
-inline constexpr int emit_items = 16;
-inline constexpr int lut_centroids = 32;   ///< centroids per block of the LUT kernel      ///< consecutive tokens per thread in the emit kernel
+namespace cg = cooperative_groups;
+
+inline constexpr int score_threads = 256;
+inline constexpr int select_threads = 1024;
+inline constexpr int warps = select_threads / 32;  ///< warps of a select block
+inline constexpr int max_group = 8;      ///< largest q-heads-per-KV-head group the kernels take
+inline constexpr int max_cluster = 16;   ///< blocks per row (Hopper's non-portable cluster limit)
+inline constexpr int hist_bins = 2048;   ///< 11 key bits per pass (the last pass uses 10)
+inline constexpr int radix_passes = 3;
+inline constexpr int emit_items = 16;    ///< consecutive tokens per thread in the emit step
+inline constexpr int lut_threads = 256;
+inline constexpr int lut_centroids = 32; ///< centroids per block of the LUT kernel
 
 /// Kernel parameters: plain pointers and sizes, validated on the host.
 struct args {
-  float const* q;                    // [batch, q_heads, dim]
-  std::uint8_t const* codes;         // [batch, kv_heads, capacity, m]
-  float const* centroids;            // [kv_heads, m, ksub, dsub]
-  std::int32_t const* seq_lens;      // [batch]
-  std::int32_t* out;                 // [batch, kv_heads, out_k]
-  std::int32_t* valid;               // [batch, kv_heads]
-  float* lut;                        // workspace [rows, m, ksub, r]
-  std::uint32_t* keys;               // workspace [rows, capacity]
-  std::uint32_t* hist;               // workspace [rows, radix_passes, hist_bins]
-  std::uint32_t* chunk_counts;       // workspace [rows, max_chunks, 2]: (above T, equal to T)
-  std::uint32_t* done;               // workspace [rows, radix_passes]: blocks done with each histogram
-  std::uint32_t* state;              // workspace [rows, 2]: threshold prefix, keys still to take in it
-  float* logits;                     // workspace, softmax policies: [rows, capacity, r]
-  float* part_max;                   // workspace [batch, q_heads, max_chunks]
-  double* part_sum;                  // workspace [batch, q_heads, max_chunks]
+  float const* q;                // [batch, q_heads, dim]
+  std::uint8_t const* codes;     // [batch, kv_heads, capacity, m]
+  float const* centroids;        // [kv_heads, m, ksub, dsub]
+  std::int32_t const* seq_lens;  // [batch]
+  std::int32_t* out;             // [batch, kv_heads, out_k]
+  std::int32_t* valid;           // [batch, kv_heads]
+  float* lut;                    // workspace [rows, m, ksub, r]
+  std::uint32_t* keys;           // workspace [rows, capacity]
+  std::uint32_t* hist;           // workspace [rows, hist_bins]: gqa::sum / max, the keys' top 11 bits
+  float* logits;                 // workspace, softmax policies: [rows, capacity, r]
+  float* part_max;               // workspace, softmax policies: [rows, r, max_chunks]
+  double* part_sum;              // workspace, softmax policies: [rows, r, max_chunks]
   index_t capacity;
   index_t sink;
   index_t window;
   int q_heads, kv_heads, r, dim, m, dsub, ksub;
   int k, out_k;
   int chunk_tokens, max_chunks;
+  int store_tokens;  ///< keys a select block keeps in shared memory (0: it works in the workspace)
   float scale;
 };
+
+/// Waits until the kernel this one depends on (launched before it in the
+/// stream as its programmatic primary) has finished and its writes are visible.
+__device__ __forceinline__ void wait_for_primary() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 /// The candidates of one row, from its sequence length in device memory
 /// (clamped to [0, capacity]).
@@ -77,7 +91,6 @@ struct row_info {
   index_t first;
   index_t count;
   int k_eff;
-  int chunks;  ///< chunks of chunk_tokens candidates, the last one partial
 };
 
 __device__ __forceinline__ row_info row_of(args const& a, int b)
@@ -89,7 +102,6 @@ __device__ __forceinline__ row_info row_of(args const& a, int b)
   ri.first = cand.first;
   ri.count = cand.size();
   ri.k_eff = static_cast<int>(ri.count < a.k ? ri.count : a.k);
-  ri.chunks = static_cast<int>((ri.count + a.chunk_tokens - 1) / a.chunk_tokens);
   return ri;
 }
 
@@ -104,16 +116,14 @@ __device__ __forceinline__ void warp_hist_add(std::uint32_t* hist, std::uint32_t
   }
 }
 
-// ---- LUT ---------------------------------------------------------------------------------
+// ---- LUT -------------------------------------------------------------------------------
 
-/// grid (m, rows, ksub / lut_centroids): the LUT of subspace j of one row, interleaved
-/// [c][h_local] as `build_group_lut`; the j == 0 block zeroes the row's
-/// histograms for the score and refine kernels that follow in the stream.
-/// Centroids are staged through shared memory in tiles (rows padded to an odd
-/// stride, so the threads of a warp reading different centroids hit
-/// different banks).
+/// grid (m, rows, ksub / lut_centroids): the LUT of subspace j of one row,
+/// interleaved [c][h_local] as `build_group_lut`. Centroids are staged
+/// through shared memory (rows padded to an odd stride, so the threads of a
+/// warp reading different centroids hit different banks).
 template <int Unused = 0>
-__global__ void __launch_bounds__(block_threads) lut_kernel(args a)
+__global__ void __launch_bounds__(lut_threads) lut_kernel(args a)
 {
   constexpr int tile_floats = 8192;
   __shared__ float cs[tile_floats];
@@ -122,29 +132,28 @@ __global__ void __launch_bounds__(block_threads) lut_kernel(args a)
   int const row = static_cast<int>(blockIdx.y);
   int const b = row / a.kv_heads, g = row % a.kv_heads;
   if (j == 0 && blockIdx.z == 0) {
-    std::uint32_t* h = a.hist + static_cast<std::size_t>(row) * radix_passes * hist_bins;
-    for (int i = static_cast<int>(threadIdx.x); i < radix_passes * hist_bins; i += block_threads) { h[i] = 0u; }
-    if (threadIdx.x < radix_passes) { a.done[row * radix_passes + static_cast<int>(threadIdx.x)] = 0u; }
+    // The score kernel adds the keys' top bits to the row's histogram.
+    std::uint32_t* h = a.hist + static_cast<std::size_t>(row) * hist_bins;
+    for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += lut_threads) { h[i] = 0u; }
   }
   int const r = a.r, ksub = a.ksub, dsub = a.dsub, stride = dsub | 1;
-  for (int i = static_cast<int>(threadIdx.x); i < r * dsub; i += block_threads) {
+  for (int i = static_cast<int>(threadIdx.x); i < r * dsub; i += lut_threads) {
     int const hl = i / dsub, d = i % dsub;
     qs[i] = a.q[(static_cast<std::size_t>(b) * a.q_heads + g * r + hl) * a.dim + j * dsub + d];
   }
   float const* cg = a.centroids + (static_cast<std::size_t>(g) * a.m + j) * ksub * dsub;
   float* out = a.lut + (static_cast<std::size_t>(row) * a.m + j) * ksub * r;
-  // blockIdx.z: which lut_centroids centroids of the codebook this block takes.
   int const c_begin = static_cast<int>(blockIdx.z) * lut_centroids;
   int const c_end = c_begin + lut_centroids < ksub ? c_begin + lut_centroids : ksub;
   int const ctile = tile_floats / stride;
   for (int c0 = c_begin; c0 < c_end; c0 += ctile) {
     int const nc = c_end - c0 < ctile ? c_end - c0 : ctile;
     __syncthreads();
-    for (int i = static_cast<int>(threadIdx.x); i < nc * dsub; i += block_threads) {
+    for (int i = static_cast<int>(threadIdx.x); i < nc * dsub; i += lut_threads) {
       cs[(i / dsub) * stride + i % dsub] = cg[static_cast<std::size_t>(c0) * dsub + i];
     }
     __syncthreads();
-    for (int e = static_cast<int>(threadIdx.x); e < nc * r; e += block_threads) {
+    for (int e = static_cast<int>(threadIdx.x); e < nc * r; e += lut_threads) {
       int const c = e / r, hl = e % r;
       // The contract's fma chain over the sub-vector: the CPU's bits.
       out[c0 * r + e] = lut_entry(qs + hl * dsub, cs + c * stride, dsub);
@@ -152,127 +161,40 @@ __global__ void __launch_bounds__(block_threads) lut_kernel(args a)
   }
 }
 
-// ---- radix-select helpers ---------------------------------------------------------------------------
-
-/// Bits of pass p: [shift, shift + width) of the key.
-__device__ __forceinline__ int pass_shift(int p) { return p == 0 ? 21 : (p == 1 ? 10 : 0); }
-__device__ __forceinline__ int pass_bins(int p) { return p == 2 ? 1024 : 2048; }
-
-struct threshold {
-  std::uint32_t key;        ///< prefix of the k-th best key (all of it after 3 passes)
-  std::uint32_t remaining;  ///< how many of the keys matching `key` are still to take
-};
-
-using block_scan = cub::BlockScan<std::uint32_t, block_threads>;
-
-/// Resolves the digit of pass p: walks the row's histogram of that pass from
-/// the top bin down to the bin holding the `th.remaining`-th key, appends the
-/// bin to the prefix and keeps how many keys of that bin are still to take.
-/// Block-wide; every thread gets the result. The histogram is read past L1
-/// (other blocks' atomics made it).
-__device__ __forceinline__ threshold resolve_digit(std::uint32_t const* hist_row, int p, threshold th,
-                                                   block_scan::TempStorage& temp, std::uint32_t* s_pick)
-{
-  int const nbins = pass_bins(p), per = nbins / block_threads;
-  std::uint32_t const* h = hist_row + p * hist_bins;
-  int const top = nbins - 1 - static_cast<int>(threadIdx.x) * per;  // this thread's bins: top, top-1, ...
-  std::uint32_t local[hist_bins / block_threads];
-  std::uint32_t sum = 0;
-#pragma unroll
-  for (int i = 0; i < hist_bins / block_threads; ++i) {
-    local[i] = i < per ? __ldcg(h + top - i) : 0u;
-    sum += local[i];
-  }
-  std::uint32_t above = 0;
-  block_scan(temp).ExclusiveSum(sum, above);
-#pragma unroll
-  for (int i = 0; i < hist_bins / block_threads; ++i) {
-    if (i < per && above < th.remaining && th.remaining <= above + local[i]) {
-      s_pick[0] = static_cast<std::uint32_t>(top - i);
-      s_pick[1] = th.remaining - above;
-    }
-    above += local[i];
-  }
-  __syncthreads();
-  th.key |= s_pick[0] << pass_shift(p);
-  th.remaining = s_pick[1];
-  __syncthreads();
-  return th;
-}
-
-/// Called by every block of a histogram kernel (pass p) after its adds: the
-/// last block of the row to finish resolves the pass's digit and stores the
-/// threshold state that the next kernels read. The result does not depend on
-/// which block is last.
-__device__ __forceinline__ void finish_pass(args const& a, int row, int p, int k_eff, int chunks,
-                                            block_scan::TempStorage& temp, std::uint32_t* s_pick)
-{
-  __shared__ bool s_last;
-  __threadfence();  // this block's histogram adds before its "done"
-  __syncthreads();
-  if (threadIdx.x == 0) { s_last = atomicAdd(a.done + row * radix_passes + p, 1u) == static_cast<unsigned>(chunks - 1); }
-  __syncthreads();
-  if (!s_last) { return; }
-  __threadfence();
-  std::uint32_t* st = a.state + 2 * static_cast<std::size_t>(row);
-  threshold th{0u, static_cast<std::uint32_t>(k_eff)};
-  if (p > 0) { th = threshold{__ldcg(st), __ldcg(st + 1)}; }
-  th = resolve_digit(a.hist + static_cast<std::size_t>(row) * radix_passes * hist_bins, p, th, temp, s_pick);
-  if (threadIdx.x == 0) {
-    st[0] = th.key;
-    st[1] = th.remaining;
-  }
-}
-
-/// The threshold state the last resolved pass stored.
-__device__ __forceinline__ threshold load_threshold(args const& a, int row)
-{
-  std::uint32_t const* st = a.state + 2 * static_cast<std::size_t>(row);
-  return threshold{__ldcg(st), __ldcg(st + 1)};
-}
-
 // ---- scoring -----------------------------------------------------------------------------
 
-/// The m code bytes of one token, read with the widest aligned load M allows.
+/// The m code bytes of one token, kept as the widest aligned vector M allows
+/// (M == 0: any m, read byte by byte when used).
 template <int M>
-struct code_bytes {
-  std::uint8_t v[M];
+struct code_vec {
+  static constexpr int words = M >= 16 ? M / 4 : (M == 8 ? 2 : 1);
+  std::uint32_t w[words];
+
   __device__ __forceinline__ void load(std::uint8_t const* p)
   {
     if constexpr (M == 1) {
-      v[0] = *p;
+      w[0] = *p;
     } else if constexpr (M == 2) {
-      auto const x = *reinterpret_cast<std::uint16_t const*>(p);
-      v[0] = static_cast<std::uint8_t>(x);
-      v[1] = static_cast<std::uint8_t>(x >> 8);
+      w[0] = *reinterpret_cast<std::uint16_t const*>(p);
     } else if constexpr (M == 4) {
-      auto const x = *reinterpret_cast<std::uint32_t const*>(p);
+      w[0] = *reinterpret_cast<std::uint32_t const*>(p);
+    } else if constexpr (M == 8) {
+      uint2 const x = *reinterpret_cast<uint2 const*>(p);
+      w[0] = x.x;
+      w[1] = x.y;
+    } else if constexpr (M > 8) {
+      static_assert(M % 16 == 0);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) { v[i] = static_cast<std::uint8_t>(x >> (8 * i)); }
-    } else {
-      static_assert(M % 8 == 0);
-      if constexpr (M == 8) {
-        uint2 const x = *reinterpret_cast<uint2 const*>(p);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          v[i] = static_cast<std::uint8_t>(x.x >> (8 * i));
-          v[4 + i] = static_cast<std::uint8_t>(x.y >> (8 * i));
-        }
-      } else {
-#pragma unroll
-        for (int w = 0; w < M / 16; ++w) {
-          uint4 const x = *reinterpret_cast<uint4 const*>(p + 16 * w);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            v[16 * w + i] = static_cast<std::uint8_t>(x.x >> (8 * i));
-            v[16 * w + 4 + i] = static_cast<std::uint8_t>(x.y >> (8 * i));
-            v[16 * w + 8 + i] = static_cast<std::uint8_t>(x.z >> (8 * i));
-            v[16 * w + 12 + i] = static_cast<std::uint8_t>(x.w >> (8 * i));
-          }
-        }
+      for (int i = 0; i < M / 16; ++i) {
+        uint4 const x = *reinterpret_cast<uint4 const*>(p + 16 * i);
+        w[4 * i] = x.x;
+        w[4 * i + 1] = x.y;
+        w[4 * i + 2] = x.z;
+        w[4 * i + 3] = x.w;
       }
     }
   }
+  [[nodiscard]] __device__ __forceinline__ unsigned byte(int j) const { return (w[j / 4] >> (8 * (j % 4))) & 0xFFu; }
 };
 
 /// Logits of one token for the r q heads of the group: step 3 of the
@@ -280,10 +202,11 @@ struct code_bytes {
 /// each operation rounded on its own.
 /// R == 4: the group's 4 entries of a code are one 16-byte shared load.
 /// R == 0: any r <= max_group, one 4-byte load per head.
-/// M > 0: m == M, codes read as one vector; M == 0: any m, byte by byte.
+/// M > 0: m == M, the code from `cv`; M == 0: any m, read from `code`.
 template <int M, int R>
-__device__ __forceinline__ void token_logits(float const* __restrict__ lut, std::uint8_t const* __restrict__ code,
-                                             int m, int ksub, int r, float scale, float (&x)[max_group])
+__device__ __forceinline__ void token_logits(float const* __restrict__ lut, code_vec<M> const& cv,
+                                             std::uint8_t const* __restrict__ code, int m, int ksub, int r,
+                                             float scale, float (&x)[max_group])
 {
   unsigned const mask = static_cast<unsigned>(ksub - 1);  // keeps a code >= ksub inside the LUT
   float acc[max_group];
@@ -306,10 +229,8 @@ __device__ __forceinline__ void token_logits(float const* __restrict__ lut, std:
     }
   };
   if constexpr (M > 0) {
-    code_bytes<M> cb;
-    cb.load(code);
 #pragma unroll
-    for (int j = 0; j < M; ++j) { add(j, cb.v[j]); }
+    for (int j = 0; j < M; ++j) { add(j, cv.byte(j)); }
   } else {
     for (int j = 0; j < m; ++j) { add(j, code[j]); }
   }
@@ -317,177 +238,229 @@ __device__ __forceinline__ void token_logits(float const* __restrict__ lut, std:
   for (int h = 0; h < max_group; ++h) { x[h] = __fmul_rn(scale, acc[h]); }
 }
 
-/// Shared-memory bytes of the score kernel: the row's LUT, then the histogram.
-[[nodiscard]] __host__ __device__ inline std::size_t score_smem_bytes(int m, int ksub, int r)
-{
-  std::size_t const lut = (static_cast<std::size_t>(m) * ksub * r * sizeof(float) + 15) / 16 * 16;
-  return lut + hist_bins * sizeof(std::uint32_t);
-}
+/// Tokens a thread keeps in flight: enough code bytes outstanding per SM to
+/// cover memory latency, within the register budget.
+template <int M, int R>
+inline constexpr int tokens_in_flight = M == 0 ? 1 : (R == 4 ? (M <= 8 ? 4 : (M == 16 ? 2 : 1)) : (M <= 8 ? 2 : 1));
 
-/// Phases of the score kernel (softmax policies run all three, the others 2).
-enum score_phase : int { phase_max = 0, phase_sum = 1, phase_score = 2 };
-
-/// The max (phase >= 1) and 1 / Z (phase 2) of each q head of the group, from
-/// the per-chunk partials of the earlier phases: warp h reduces head h, its
-/// lanes striding over the chunks, then a fixed shuffle tree (deterministic;
-/// the max is exact, Z a double sum).
-__device__ __forceinline__ void softmax_stats(args const& a, int b, int g, int rr, int chunks, int phase,
-                                              float* s_max, float* s_inv_z)
+/// Online softmax statistics: adds logit x to (max, sum of expf(logit - max)).
+__device__ __forceinline__ void online_add(float& mx, double& sum, float x)
 {
-  int const h = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  if (h >= rr) { return; }
-  std::size_t const base = (static_cast<std::size_t>(b) * a.q_heads + g * a.r + h) * a.max_chunks;
-  float mx = -::cuda::std::numeric_limits<float>::infinity();
-  double z = 0.0;
-  for (int c = lane; c < chunks; c += 32) {
-    float const x = a.part_max[base + c];
-    mx = x > mx ? x : mx;
-    if (phase == phase_score) { z += a.part_sum[base + c]; }
-  }
-  for (int o = 16; o > 0; o /= 2) {
-    float const w = __shfl_xor_sync(0xffffffffu, mx, o);
-    mx = w > mx ? w : mx;
-    z += __shfl_xor_sync(0xffffffffu, z, o);
-  }
-  if (lane == 0) {
-    s_max[h] = mx;
-    if (phase == phase_score) { s_inv_z[h] = static_cast<float>(1.0 / z); }
+  if (x > mx) {
+    sum = sum * static_cast<double>(expf(__fsub_rn(mx, x))) + 1.0;
+    mx = x;
+  } else {
+    sum += static_cast<double>(expf(__fsub_rn(x, mx)));
   }
 }
 
+/// Merges statistics (mx_b, sum_b) into (mx, sum); an empty side has max -inf
+/// and sum 0.
+__device__ __forceinline__ void online_merge(float& mx, double& sum, float mx_b, double sum_b)
+{
+  float const m = mx_b > mx ? mx_b : mx;
+  if (m == -::cuda::std::numeric_limits<float>::infinity()) { return; }  // both empty
+  sum = sum * static_cast<double>(expf(__fsub_rn(mx, m))) + sum_b * static_cast<double>(expf(__fsub_rn(mx_b, m)));
+  mx = m;
+}
+
+/// Scores the tokens [t0, t1) of one chunk of a row. Each thread takes U
+/// tokens per step (t = base + tid + u * score_threads: coalesced for every
+/// u) and issues all their code loads before using any.
 template <int M, int R, class Aggregation>
-__device__ __forceinline__ void score_tokens(args const& a, Aggregation const& agg, int phase, float const* lut,
-                                             std::uint8_t const* codes_row, float* logits_row,
-                                             std::uint32_t* keys_row, std::uint32_t* hist_s, index_t t0,
-                                             index_t t1, int rr, float const* s_max, float const* s_inv_z,
-                                             float (&vmax)[max_group], double (&vsum)[max_group])
-{
-  int const m = M > 0 ? M : a.m;
-  float mx[max_group], inv_z[max_group];
-  if constexpr (Aggregation::needs_softmax) {
+struct chunk_scorer {
+  static constexpr int U = tokens_in_flight<M, R>;
+
+  args const& a;
+  Aggregation const& agg;
+  float const* lut;               // shared [m, ksub, r]
+  std::uint8_t const* codes_row;  // [capacity, m]
+  std::size_t row;
+  index_t t0, t1;
+
+  [[nodiscard]] __device__ __forceinline__ int heads() const { return R > 0 ? R : a.r; }
+  [[nodiscard]] __device__ __forceinline__ index_t token(index_t base, int u) const
+  {
+    return base + static_cast<index_t>(threadIdx.x) + static_cast<index_t>(u) * score_threads;
+  }
+
+  /// Logits of the step's U tokens (x[u] undefined where the token is past t1).
+  __device__ __forceinline__ void step_logits(index_t base, float (&x)[U][max_group]) const
+  {
+    code_vec<M> cv[U];
 #pragma unroll
-    for (int h = 0; h < max_group; ++h) {
-      mx[h] = h < rr && phase >= phase_sum ? s_max[h] : 0.f;
-      inv_z[h] = h < rr && phase == phase_score ? s_inv_z[h] : 0.f;
+    for (int u = 0; u < U; ++u) {
+      index_t const t = token(base, u);
+      if constexpr (M > 0) {
+        if (t < t1) { cv[u].load(codes_row + t * M); }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      index_t const t = token(base, u);
+      if (t < t1) { token_logits<M, R>(lut, cv[u], codes_row + t * a.m, a.m, a.ksub, heads(), a.scale, x[u]); }
     }
   }
-  // Warps stay converged through the loop (uniform bounds) for the
-  // warp-aggregated histogram.
-  for (index_t base = t0; base < t1; base += block_threads) {
-    index_t const t = base + threadIdx.x;
-    bool const valid = t < t1;
-    std::uint32_t key = 0;
-    if (valid) {
-      float x[max_group];
-      if (!Aggregation::needs_softmax || phase == phase_max) {
-        token_logits<M, R>(lut, codes_row + t * m, m, a.ksub, rr, a.scale, x);
+
+  /// gqa::sum / gqa::max: the rank key of every token into the workspace,
+  /// its top 11 bits into the block's histogram `hist_s`. Warps stay
+  /// converged (uniform trip counts) for the warp-aggregated histogram.
+  __device__ __forceinline__ void keys(std::uint32_t* hist_s) const
+  {
+    std::uint32_t* keys_row = a.keys + row * static_cast<std::size_t>(a.capacity);
+    for (index_t base = t0; base < t1; base += static_cast<index_t>(score_threads) * U) {
+      float x[U][max_group];
+      step_logits(base, x);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        index_t const t = token(base, u);
+        bool const valid = t < t1;
+        std::uint32_t key = 0;
+        if (valid) {
+          float acc = agg.init();
+#pragma unroll
+          for (int h = 0; h < max_group; ++h) {
+            if (h < heads()) { acc = agg.combine(acc, x[u][h]); }
+          }
+          key = score_rank_key(agg.finish(acc));
+          keys_row[t] = key;
+        }
+        warp_hist_add(hist_s, key >> 21, valid);
       }
-      if constexpr (Aggregation::needs_softmax) {
-        // Phase 0 keeps the logits; phases 1 and 2 read them back instead of
-        // scoring the codes again.
-        float* lg = logits_row + t * rr;
-        if (phase == phase_max) {
-          if constexpr (R == 4) {
-            *reinterpret_cast<float4*>(lg) = make_float4(x[0], x[1], x[2], x[3]);
-          } else {
+    }
+  }
+
+  /// Softmax policies: the logits of every token into the workspace; returns
+  /// this thread's online statistics per head.
+  __device__ __forceinline__ void logits(float (&vmax)[max_group], double (&vsum)[max_group]) const
+  {
+    int const rr = heads();
+    float* lg_row = a.logits + row * static_cast<std::size_t>(a.capacity) * rr;
+    for (index_t base = t0; base < t1; base += static_cast<index_t>(score_threads) * U) {
+      float x[U][max_group];
+      step_logits(base, x);
 #pragma unroll
-            for (int h = 0; h < max_group; ++h) {
-              if (h < rr) { lg[h] = x[h]; }
-            }
-          }
-#pragma unroll
-          for (int h = 0; h < max_group; ++h) { vmax[h] = x[h] > vmax[h] ? x[h] : vmax[h]; }
+      for (int u = 0; u < U; ++u) {
+        index_t const t = token(base, u);
+        if (t >= t1) { continue; }
+        float* lg = lg_row + t * rr;
+        if constexpr (R == 4) {
+          *reinterpret_cast<float4*>(lg) = make_float4(x[u][0], x[u][1], x[u][2], x[u][3]);
         } else {
-          if constexpr (R == 4) {
-            float4 const v = *reinterpret_cast<float4 const*>(lg);
-            x[0] = v.x;
-            x[1] = v.y;
-            x[2] = v.z;
-            x[3] = v.w;
-          } else {
 #pragma unroll
-            for (int h = 0; h < max_group; ++h) { x[h] = h < rr ? lg[h] : 0.f; }
-          }
-          if (phase == phase_sum) {
-#pragma unroll
-            for (int h = 0; h < max_group; ++h) {
-              if (h < rr) { vsum[h] += static_cast<double>(expf(__fsub_rn(x[h], mx[h]))); }
-            }
-          } else {
-#pragma unroll
-            for (int h = 0; h < max_group; ++h) { x[h] = __fmul_rn(expf(__fsub_rn(x[h], mx[h])), inv_z[h]); }
+          for (int h = 0; h < max_group; ++h) {
+            if (h < rr) { lg[h] = x[u][h]; }
           }
         }
-      }
-      if (!Aggregation::needs_softmax || phase == phase_score) {
-        float acc = agg.init();
 #pragma unroll
         for (int h = 0; h < max_group; ++h) {
-          if (h < rr) { acc = agg.combine(acc, x[h]); }
+          if (h < rr) { online_add(vmax[h], vsum[h], x[u][h]); }
         }
-        key = score_rank_key(agg.finish(acc));
-        keys_row[t] = key;
       }
     }
-    if (!Aggregation::needs_softmax || phase == phase_score) { warp_hist_add(hist_s, key >> 21, valid); }
+  }
+};
+
+/// Per-head block reduction of online softmax statistics into (out_max[h],
+/// out_sum[h]) (thread h < rr writes them): a fixed shuffle tree in each warp,
+/// then the warps in order.
+template <int Warps>
+struct stats_scratch {
+  float max[Warps][max_group];
+  double sum[Warps][max_group];
+};
+
+template <int Warps>
+__device__ __forceinline__ void block_reduce_stats(float (&mx)[max_group], double (&sum)[max_group], int rr,
+                                                   stats_scratch<Warps>& s_red, float& out_max, double& out_sum)
+{
+  int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+#pragma unroll
+  for (int h = 0; h < max_group; ++h) {
+    if (h < rr) {
+      for (int o = 16; o > 0; o /= 2) {
+        float const mb = __shfl_xor_sync(0xffffffffu, mx[h], o);
+        double const sb = __shfl_xor_sync(0xffffffffu, sum[h], o);
+        online_merge(mx[h], sum[h], mb, sb);
+      }
+      if (lane == 0) {
+        s_red.max[warp][h] = mx[h];
+        s_red.sum[warp][h] = sum[h];
+      }
+    }
+  }
+  __syncthreads();
+  int const h = static_cast<int>(threadIdx.x);
+  if (h < rr) {
+    float m = s_red.max[0][h];
+    double z = s_red.sum[0][h];
+    for (int w = 1; w < Warps; ++w) { online_merge(m, z, s_red.max[w][h], s_red.sum[w][h]); }
+    out_max = m;
+    out_sum = z;
   }
 }
 
-/// grid (chunks, rows). Phase 2 writes the rank keys of the chunk's
-/// candidates and adds their top 11 bits to the row's histogram; phases 0
-/// and 1 (softmax policies) write the chunk's per-q-head max and sum of
-/// expf(logit - max) instead.
+/// grid (chunks, rows), score_threads threads, dynamic shared memory: the
+/// row's LUT. Scores the chunk's candidates (the file's comment).
 template <int R, class Aggregation>
-__global__ void __launch_bounds__(block_threads) score_kernel(args a, Aggregation agg, int phase)
+__global__ void __launch_bounds__(score_threads) score_kernel(__grid_constant__ args const a, Aggregation agg)
 {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_max[max_group], s_inv_z[max_group];
-  __shared__ double s_red[warps][max_group];
+  __shared__ stats_scratch<score_threads / 32> s_red;
+  __shared__ std::uint32_t hist_s[Aggregation::needs_softmax ? 1 : hist_bins];
   int const chunk = static_cast<int>(blockIdx.x), row = static_cast<int>(blockIdx.y);
-  int const b = row / a.kv_heads, g = row % a.kv_heads;
-  row_info const ri = row_of(a, b);
-  if (chunk >= ri.chunks || (phase == phase_score && ri.k_eff == 0)) { return; }
+  row_info const ri = row_of(a, row / a.kv_heads);
+  index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
+  if (ri.k_eff == 0 || t0 >= ri.first + ri.count) { return; }
+  index_t const t1 = t0 + a.chunk_tokens < ri.first + ri.count ? t0 + a.chunk_tokens : ri.first + ri.count;
   int const rr = R > 0 ? R : a.r;
   int const lut_n = a.m * a.ksub * rr;
   auto* lut = reinterpret_cast<float*>(smem);
-  auto* hist_s = reinterpret_cast<std::uint32_t*>(smem + score_smem_bytes(a.m, a.ksub, rr) -
-                                                  hist_bins * sizeof(std::uint32_t));
+  if constexpr (!Aggregation::needs_softmax) {
+    for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += score_threads) { hist_s[i] = 0u; }
+  }
+  wait_for_primary();  // the LUT kernel's output
   float const* lut_g = a.lut + static_cast<std::size_t>(row) * lut_n;
-  bool const needs_lut = !Aggregation::needs_softmax || phase == phase_max;
-  if (!needs_lut) {
-    // Softmax phases 1 and 2 read the logits phase 0 kept.
-  } else if (lut_n % 4 == 0) {
-    for (int i = static_cast<int>(threadIdx.x); i < lut_n / 4; i += block_threads) {
+  if (lut_n % 4 == 0) {
+    for (int i = static_cast<int>(threadIdx.x); i < lut_n / 4; i += score_threads) {
       reinterpret_cast<float4*>(lut)[i] = reinterpret_cast<float4 const*>(lut_g)[i];
     }
   } else {
-    for (int i = static_cast<int>(threadIdx.x); i < lut_n; i += block_threads) { lut[i] = lut_g[i]; }
-  }
-  if (phase == phase_score) {
-    for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += block_threads) { hist_s[i] = 0u; }
-  }
-  if constexpr (Aggregation::needs_softmax) {
-    if (phase >= phase_sum) { softmax_stats(a, b, g, rr, ri.chunks, phase, s_max, s_inv_z); }
+    for (int i = static_cast<int>(threadIdx.x); i < lut_n; i += score_threads) { lut[i] = lut_g[i]; }
   }
   __syncthreads();
-
-  index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
-  index_t const t1 = t0 + a.chunk_tokens < ri.first + ri.count ? t0 + a.chunk_tokens : ri.first + ri.count;
   std::uint8_t const* codes_row = a.codes + static_cast<std::size_t>(row) * a.capacity * a.m;
-  std::uint32_t* keys_row = a.keys + static_cast<std::size_t>(row) * a.capacity;
-  float* logits_row = a.logits + static_cast<std::size_t>(row) * a.capacity * rr;
-  float vmax[max_group];
-  double vsum[max_group];
+  auto run = [&](auto scorer) {
+    if constexpr (Aggregation::needs_softmax) {
+      float vmax[max_group];
+      double vsum[max_group];
 #pragma unroll
-  for (int h = 0; h < max_group; ++h) {
-    vmax[h] = -::cuda::std::numeric_limits<float>::infinity();
-    vsum[h] = 0.0;
-  }
-  switch (needs_lut ? a.m : 1) {  // m only matters where codes are read
-#define PQKV_ADC_SCORE_CASE(MM)                                                                                  \
-  case MM:                                                                                                         \
-    score_tokens<MM, R>(a, agg, phase, lut, codes_row, logits_row, keys_row, hist_s, t0, t1, rr, s_max, s_inv_z, vmax, vsum); \
-    break;
+      for (int h = 0; h < max_group; ++h) {
+        vmax[h] = -::cuda::std::numeric_limits<float>::infinity();
+        vsum[h] = 0.0;
+      }
+      scorer.logits(vmax, vsum);
+      float m = 0.f;
+      double z = 0.0;
+      block_reduce_stats(vmax, vsum, rr, s_red, m, z);
+      int const h = static_cast<int>(threadIdx.x);
+      if (h < rr) {
+        std::size_t const at = (static_cast<std::size_t>(row) * rr + h) * a.max_chunks + chunk;
+        a.part_max[at] = m;
+        a.part_sum[at] = z;
+      }
+    } else {
+      scorer.keys(hist_s);
+      __syncthreads();
+      std::uint32_t* hist_g = a.hist + static_cast<std::size_t>(row) * hist_bins;
+      for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += score_threads) {
+        if (hist_s[i] != 0u) { atomicAdd(hist_g + i, hist_s[i]); }
+      }
+    }
+  };
+  switch (a.m) {
+#define PQKV_ADC_SCORE_CASE(MM) \
+  case MM: run(chunk_scorer<MM, R, Aggregation>{a, agg, lut, codes_row, static_cast<std::size_t>(row), t0, t1}); break;
     PQKV_ADC_SCORE_CASE(1)
     PQKV_ADC_SCORE_CASE(2)
     PQKV_ADC_SCORE_CASE(4)
@@ -495,192 +468,363 @@ __global__ void __launch_bounds__(block_threads) score_kernel(args a, Aggregatio
     PQKV_ADC_SCORE_CASE(16)
     PQKV_ADC_SCORE_CASE(32)
 #undef PQKV_ADC_SCORE_CASE
-    default:
-      score_tokens<0, R>(a, agg, phase, lut, codes_row, logits_row, keys_row, hist_s, t0, t1, rr, s_max, s_inv_z, vmax, vsum);
-      break;
+    default: run(chunk_scorer<0, R, Aggregation>{a, agg, lut, codes_row, static_cast<std::size_t>(row), t0, t1}); break;
   }
-
-  if constexpr (Aggregation::needs_softmax) {
-    if (phase != phase_score) {
-      // Block reduction per q head: warp shuffles, then warps in order.
-      int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-#pragma unroll
-      for (int h = 0; h < max_group; ++h) {
-        if (h < rr) {
-          if (phase == phase_max) {
-            float v = vmax[h];
-            for (int o = 16; o > 0; o /= 2) {
-              float const w = __shfl_xor_sync(0xffffffffu, v, o);
-              v = w > v ? w : v;
-            }
-            if (lane == 0) { s_red[warp][h] = static_cast<double>(v); }
-          } else {
-            double v = vsum[h];
-            for (int o = 16; o > 0; o /= 2) { v += __shfl_xor_sync(0xffffffffu, v, o); }
-            if (lane == 0) { s_red[warp][h] = v; }
-          }
-        }
-      }
-      __syncthreads();
-      int const h = static_cast<int>(threadIdx.x);
-      if (h < rr) {
-        std::size_t const at = (static_cast<std::size_t>(b) * a.q_heads + g * a.r + h) * a.max_chunks + chunk;
-        if (phase == phase_max) {
-          float v = static_cast<float>(s_red[0][h]);
-          for (int w = 1; w < warps; ++w) {
-            float const x = static_cast<float>(s_red[w][h]);
-            v = x > v ? x : v;
-          }
-          a.part_max[at] = v;
-        } else {
-          double v = 0.0;
-          for (int w = 0; w < warps; ++w) { v += s_red[w][h]; }
-          a.part_sum[at] = v;
-        }
-      }
-      return;
-    }
-  }
-  __syncthreads();
-  std::uint32_t* hist_g = a.hist + static_cast<std::size_t>(row) * radix_passes * hist_bins;
-  for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += block_threads) {
-    if (hist_s[i] != 0u) { atomicAdd(hist_g + i, hist_s[i]); }
-  }
-  __shared__ block_scan::TempStorage temp;
-  __shared__ std::uint32_t s_pick[2];
-  finish_pass(a, row, 0, ri.k_eff, ri.chunks, temp, s_pick);
 }
 
-// ---- selection kernels ---------------------------------------------------------------
+// ---- selection over the cluster ----------------------------------------------------------
 
-/// grid (chunks, rows): histogram of the bits of `pass` (1 or 2) among the
-/// chunk's keys that share the prefix resolved by the earlier passes.
-template <int Unused = 0>
-__global__ void __launch_bounds__(block_threads) refine_kernel(args a, int pass)
-{
-  __shared__ std::uint32_t hist_s[hist_bins];
-  __shared__ block_scan::TempStorage temp;
-  __shared__ std::uint32_t s_pick[2];
-  int const chunk = static_cast<int>(blockIdx.x), row = static_cast<int>(blockIdx.y);
-  row_info const ri = row_of(a, row / a.kv_heads);
-  if (chunk >= ri.chunks || ri.k_eff == 0) { return; }
-  for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += block_threads) { hist_s[i] = 0u; }
-  __syncthreads();
-  std::uint32_t* hist_row = a.hist + static_cast<std::size_t>(row) * radix_passes * hist_bins;
-  threshold const th = load_threshold(a, row);
-  int const prev_shift = pass_shift(pass - 1), shift = pass_shift(pass);
-  std::uint32_t const digit_mask = static_cast<std::uint32_t>(pass_bins(pass) - 1);
-  std::uint32_t const want = th.key >> prev_shift;
-  index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
-  index_t const t1 = t0 + a.chunk_tokens < ri.first + ri.count ? t0 + a.chunk_tokens : ri.first + ri.count;
-  std::uint32_t const* keys_row = a.keys + static_cast<std::size_t>(row) * a.capacity;
-  // The digits below the resolved prefix spread over the bins: plain atomics.
-#pragma unroll 4
-  for (index_t t = t0 + threadIdx.x; t < t1; t += block_threads) {
-    std::uint32_t const key = keys_row[t];
-    if ((key >> prev_shift) == want) { atomicAdd(hist_s + ((key >> shift) & digit_mask), 1u); }
-  }
-  __syncthreads();
-  std::uint32_t* hist_g = hist_row + pass * hist_bins;
-  for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += block_threads) {
-    if (hist_s[i] != 0u) { atomicAdd(hist_g + i, hist_s[i]); }
-  }
-  finish_pass(a, row, pass, ri.k_eff, ri.chunks, temp, s_pick);
-}
+using block_scan = cub::BlockScan<std::uint32_t, select_threads>;
 
 /// Block-wide sums of two per-thread counters, returned to every thread.
-/// `s_red` is the caller's shared scratch of 2 x warps words.
-__device__ __forceinline__ cuda::std::pair<std::uint32_t, std::uint32_t> block_sum_pair(
-  std::uint32_t a, std::uint32_t b, std::uint32_t (&s_red)[2][warps])
+__device__ __forceinline__ void block_sum_pair(std::uint32_t& a, std::uint32_t& b, std::uint32_t (&s_red)[2][warps])
 {
   for (int o = 16; o > 0; o /= 2) {
     a += __shfl_xor_sync(0xffffffffu, a, o);
     b += __shfl_xor_sync(0xffffffffu, b, o);
   }
   int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  __syncthreads();  // s_red may still be read from an earlier call
   if (lane == 0) {
     s_red[0][warp] = a;
     s_red[1][warp] = b;
   }
   __syncthreads();
-  std::uint32_t a_sum = 0, b_sum = 0;
+  a = 0;
+  b = 0;
   for (int w = 0; w < warps; ++w) {
-    a_sum += s_red[0][w];
-    b_sum += s_red[1][w];
+    a += s_red[0][w];
+    b += s_red[1][w];
   }
-  return {a_sum, b_sum};
 }
 
-/// grid (chunks, rows): how many of the chunk's keys are above the threshold
-/// key T and how many equal it.
-template <int Unused = 0>
-__global__ void __launch_bounds__(block_threads) count_kernel(args a)
+/// Where a select block keeps the keys of its slice [t0, t1): its shared
+/// memory when they fit, else the row's part of the workspace.
+struct token_store {
+  std::uint32_t* keys;  // key of token t at keys[t - offset]
+  index_t offset;
+
+  __device__ __forceinline__ std::uint32_t& key(index_t t) const { return keys[t - offset]; }
+};
+
+// ---- radix select over the cluster --------------------------------------------------------
+
+/// Bits of pass p: [shift, shift + width) of the key.
+__device__ __forceinline__ int pass_shift(int p) { return p == 0 ? 21 : (p == 1 ? 10 : 0); }
+__device__ __forceinline__ int pass_bins(int p) { return p == 2 ? 1024 : 2048; }
+
+struct threshold {
+  std::uint32_t key;        ///< prefix of the k-th best key (all of it after 3 passes)
+  std::uint32_t remaining;  ///< how many of the keys matching `key` are still to take
+};
+
+/// Finds, in bins h[0, nb) walked from the top bin down, the bin that holds
+/// the `want`-th key; returns (bin, keys still to take in it) to every
+/// thread. Block-wide.
+__device__ __forceinline__ uint2 walk_down(std::uint32_t const* h, int nb, std::uint32_t want,
+                                           block_scan::TempStorage& temp, uint2* s_pick)
 {
+  constexpr int max_per = hist_bins / select_threads;
+  int const per = (nb + select_threads - 1) / select_threads;
+  int const top = nb - 1 - static_cast<int>(threadIdx.x) * per;  // this thread's bins: top, top-1, ...
+  std::uint32_t local[max_per];
+  std::uint32_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < max_per; ++i) {
+    local[i] = i < per && top - i >= 0 ? h[top - i] : 0u;
+    sum += local[i];
+  }
+  std::uint32_t above = 0;
+  block_scan(temp).ExclusiveSum(sum, above);
+#pragma unroll
+  for (int i = 0; i < max_per; ++i) {
+    if (i < per && top - i >= 0 && above < want && want <= above + local[i]) {
+      *s_pick = make_uint2(static_cast<std::uint32_t>(top - i), want - above);
+    }
+    above += local[i];
+  }
+  __syncthreads();
+  uint2 const pick = *s_pick;
+  __syncthreads();
+  return pick;
+}
+
+/// Shared state of a select block that other blocks of the cluster read.
+struct cluster_shared {
+  std::uint32_t slice_total[2];  ///< keys in this block's share of the bins, per pass parity
+  std::uint32_t counts[2];       ///< this block's keys above T, equal to T
+};
+
+/// Dynamic shared memory of a select block: histograms, then the keys of
+/// its slice when they fit.
+struct select_smem {
+  static constexpr std::size_t hist = 0;                                         // u32 [2][hist_bins]
+  static constexpr std::size_t comb = 2 * hist_bins * sizeof(std::uint32_t);     // u32 [2][hist_bins / 2]
+  static constexpr std::size_t keys = comb + hist_bins * sizeof(std::uint32_t);  // u32 [store_tokens]
+  [[nodiscard]] static constexpr std::size_t bytes(int store_tokens)
+  {
+    return keys + static_cast<std::size_t>(store_tokens) * sizeof(std::uint32_t);
+  }
+};
+
+/// The row's softmax statistics from the score kernel's per-chunk partials:
+/// warp h merges head h, its lanes striding over the chunks, then a fixed
+/// shuffle tree (the same M and Z in every block).
+template <int R>
+__device__ __forceinline__ void row_stats(args const& a, int row, int chunks, float* s_max, float* s_inv_z)
+{
+  int const rr = R > 0 ? R : a.r;
+  int const h = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  if (h >= rr) { return; }
+  std::size_t const base = (static_cast<std::size_t>(row) * rr + h) * a.max_chunks;
+  float mx = -::cuda::std::numeric_limits<float>::infinity();
+  double z = 0.0;
+  for (int c = lane; c < chunks; c += 32) { online_merge(mx, z, a.part_max[base + c], a.part_sum[base + c]); }
+  for (int o = 16; o > 0; o /= 2) {
+    float const mb = __shfl_xor_sync(0xffffffffu, mx, o);
+    double const zb = __shfl_xor_sync(0xffffffffu, z, o);
+    online_merge(mx, z, mb, zb);
+  }
+  if (lane == 0) {
+    s_max[h] = mx;
+    s_inv_z[h] = static_cast<float>(1.0 / z);
+  }
+}
+
+/// grid (C, rows), cluster (C, 1, 1), select_threads threads: the selection
+/// of the file's comment.
+template <int R, class Aggregation>
+__global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_constant__ args const a, Aggregation agg)
+{
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ cluster_shared cs;
+  __shared__ float s_max[max_group], s_inv_z[max_group];
   __shared__ std::uint32_t s_red[2][warps];
-  int const chunk = static_cast<int>(blockIdx.x), row = static_cast<int>(blockIdx.y);
-  row_info const ri = row_of(a, row / a.kv_heads);
-  if (chunk >= ri.chunks || ri.k_eff == 0) { return; }
-  threshold const th = load_threshold(a, row);
-  index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
-  index_t const t1 = t0 + a.chunk_tokens < ri.first + ri.count ? t0 + a.chunk_tokens : ri.first + ri.count;
-  std::uint32_t const* keys_row = a.keys + static_cast<std::size_t>(row) * a.capacity;
-  std::uint32_t gt = 0, eq = 0;
-#pragma unroll 4
-  for (index_t t = t0 + threadIdx.x; t < t1; t += block_threads) {
-    std::uint32_t const key = keys_row[t];
-    gt += key > th.key ? 1u : 0u;
-    eq += key == th.key ? 1u : 0u;
-  }
-  auto const [g_sum, e_sum] = block_sum_pair(gt, eq, s_red);
-  if (threadIdx.x == 0) {
-    std::uint32_t* cc = a.chunk_counts + (static_cast<std::size_t>(row) * a.max_chunks + chunk) * 2;
-    cc[0] = g_sum;
-    cc[1] = e_sum;
-  }
-}
-
-/// grid (chunks, rows): writes the chunk's selected token indices in
-/// ascending order at the offset the earlier chunks' counts give (keys above
-/// T, then the lowest-index keys equal to T). Chunk 0 also writes the row's
-/// valid count and the -1 padding.
-template <int Unused = 0>
-__global__ void __launch_bounds__(block_threads) emit_kernel(args a)
-{
+  __shared__ uint2 s_pick;
   __shared__ block_scan::TempStorage temp;
-  __shared__ std::uint32_t s_red[2][warps];
-  int const chunk = static_cast<int>(blockIdx.x), row = static_cast<int>(blockIdx.y);
+
+  cg::cluster_group cluster = cg::this_cluster();
+  int const rank = static_cast<int>(cluster.block_rank());
+  int const C = static_cast<int>(cluster.num_blocks());
+  int const row = static_cast<int>(blockIdx.y);
+  int const tid = static_cast<int>(threadIdx.x);
   row_info const ri = row_of(a, row / a.kv_heads);
+
   std::int32_t* out_row = a.out + static_cast<std::size_t>(row) * a.out_k;
-  if (chunk == 0) {
-    for (int i = ri.k_eff + static_cast<int>(threadIdx.x); i < a.out_k; i += block_threads) { out_row[i] = -1; }
-    if (threadIdx.x == 0) { a.valid[row] = ri.k_eff; }
+  if (rank == 0) {
+    for (int i = ri.k_eff + tid; i < a.out_k; i += select_threads) { out_row[i] = -1; }
+    if (tid == 0) { a.valid[row] = ri.k_eff; }
   }
-  if (chunk >= ri.chunks || ri.k_eff == 0) { return; }
-  threshold const th = load_threshold(a, row);
+  if (ri.k_eff == 0) { return; }  // the same for every block of the cluster: none waits at a barrier
 
-  // Counts of the earlier chunks (their order is the token order).
-  std::uint32_t gt = 0, eq = 0;
-  std::uint32_t const* cc = a.chunk_counts + static_cast<std::size_t>(row) * a.max_chunks * 2;
-  for (int c = static_cast<int>(threadIdx.x); c < chunk; c += block_threads) {
-    gt += cc[2 * c];
-    eq += cc[2 * c + 1];
+  auto* hist = reinterpret_cast<std::uint32_t*>(smem + select_smem::hist);
+  auto* comb = reinterpret_cast<std::uint32_t*>(smem + select_smem::comb);
+  for (int i = tid; i < 2 * hist_bins; i += select_threads) { hist[i] = 0u; }
+
+  // This block's slice of the candidates, its keys in shared memory when
+  // they fit, else in place in the workspace.
+  index_t const per = (ri.count + C - 1) / C;
+  index_t const lo = static_cast<index_t>(rank) * per < ri.count ? static_cast<index_t>(rank) * per : ri.count;
+  index_t const hi = lo + per < ri.count ? lo + per : ri.count;
+  index_t const t0 = ri.first + lo, t1 = ri.first + hi;
+  std::uint32_t* keys_g = a.keys + static_cast<std::size_t>(row) * a.capacity;
+  bool const in_smem = per <= a.store_tokens;
+  token_store st{};
+  st.keys = in_smem ? reinterpret_cast<std::uint32_t*>(smem + select_smem::keys) : keys_g;
+  st.offset = in_smem ? t0 : 0;
+  int const rr = R > 0 ? R : a.r;
+
+  wait_for_primary();  // the score kernel's keys or logits and statistics
+  if constexpr (Aggregation::needs_softmax) {
+    int const chunks = static_cast<int>((ri.count + a.chunk_tokens - 1) / a.chunk_tokens);
+    row_stats<R>(a, row, chunks, s_max, s_inv_z);
   }
-  auto [gt_before, eq_before] = block_sum_pair(gt, eq, s_red);
+  __syncthreads();
+
+  // The slice's keys (softmax: from the logits and the row's statistics) and
+  // the histogram of their top 11 bits. Warps stay converged (uniform trip
+  // counts) for the warp-aggregated histogram.
+  // gqa::sum / gqa::max: the score kernel made the row's histogram of the
+  // top 11 bits; only keys that live in shared memory need a copy here.
+  constexpr int V = 4;
+  bool const scan = Aggregation::needs_softmax || in_smem;
+  float const* lg_row = a.logits + static_cast<std::size_t>(row) * a.capacity * rr;
+  for (index_t base = t0; scan && base < t1; base += static_cast<index_t>(select_threads) * V) {
+    std::uint32_t key[V];
+    if constexpr (Aggregation::needs_softmax) {
+      float x[V][max_group];
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        index_t const t = base + tid + static_cast<index_t>(u) * select_threads;
+        if (t >= t1) { continue; }
+        float const* lg = lg_row + t * rr;
+        if constexpr (R == 4) {
+          float4 const v = *reinterpret_cast<float4 const*>(lg);
+          x[u][0] = v.x;
+          x[u][1] = v.y;
+          x[u][2] = v.z;
+          x[u][3] = v.w;
+        } else {
+#pragma unroll
+          for (int h = 0; h < max_group; ++h) { x[u][h] = h < rr ? lg[h] : 0.f; }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        float acc = agg.init();
+#pragma unroll
+        for (int h = 0; h < max_group; ++h) {
+          if (h < rr) { acc = agg.combine(acc, __fmul_rn(expf(__fsub_rn(x[u][h], s_max[h])), s_inv_z[h])); }
+        }
+        key[u] = score_rank_key(agg.finish(acc));
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        index_t const t = base + tid + static_cast<index_t>(u) * select_threads;
+        key[u] = t < t1 ? keys_g[t] : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      index_t const t = base + tid + static_cast<index_t>(u) * select_threads;
+      bool const valid = t < t1;
+      if (valid) { st.key(t) = key[u]; }
+      if constexpr (Aggregation::needs_softmax) { warp_hist_add(hist, key[u] >> 21, valid); }
+    }
+  }
+
+  // ---- radix select: 3 digits of the k-th best key T, the same in every block.
+  threshold th{0u, static_cast<std::uint32_t>(ri.k_eff)};
+  std::uint32_t gt = 0, eq = 0;  // this block's keys above T, equal to T
+  for (int p = 0; p < radix_passes; ++p) {
+    std::uint32_t* own = hist + (p & 1) * hist_bins;
+    std::uint32_t* share = comb + (p & 1) * (hist_bins / 2);
+    int const nb = pass_bins(p), shift = pass_shift(p);
+    std::uint32_t above_prefix = 0;  // last pass: keys whose 22-bit prefix beats T's
+    if (p > 0) {
+      // Pass p - 2 used this buffer; every block of the cluster is past it.
+      for (int i = tid; i < nb; i += select_threads) { own[i] = 0u; }
+      __syncthreads();
+      int const prev_shift = pass_shift(p - 1);
+      std::uint32_t const want = th.key >> prev_shift, digit_mask = static_cast<std::uint32_t>(nb - 1);
+      // Several keys in flight per thread: the keys may live in the workspace.
+      constexpr int V = 8;
+      for (index_t base = t0; base < t1; base += static_cast<index_t>(select_threads) * V) {
+        std::uint32_t key[V];
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          index_t const t = base + tid + static_cast<index_t>(u) * select_threads;
+          key[u] = t < t1 ? st.key(t) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          index_t const t = base + tid + static_cast<index_t>(u) * select_threads;
+          std::uint32_t const pre = key[u] >> prev_shift;
+          if (t < t1 && pre == want) { atomicAdd(own + ((key[u] >> shift) & digit_mask), 1u); }
+          above_prefix += t < t1 && pre > want ? 1u : 0u;
+        }
+      }
+    }
+    uint2 pick;
+    if (p == 0 && !Aggregation::needs_softmax) {
+      // The score kernel's histogram of the whole row.
+      pick = walk_down(a.hist + static_cast<std::size_t>(row) * hist_bins, nb, th.remaining, temp, &s_pick);
+    } else if (C == 1) {
+      __syncthreads();
+      pick = walk_down(own, nb, th.remaining, temp, &s_pick);
+    } else {
+      cluster.sync();  // every block's histogram of this pass is complete
+      // Sum this block's share of the bins over the cluster, in rank order.
+      // Block `rank` owns bins [rank * bpr, (rank + 1) * bpr), the top ones
+      // belonging to the highest rank (its share may be shorter).
+      int const bpr = (nb + C - 1) / C;
+      auto const share_size = [&](int owner) {
+        int const left = nb - owner * bpr;
+        return left < 0 ? 0 : (left < bpr ? left : bpr);
+      };
+      std::uint32_t mine = 0;
+      for (int i = tid; i < share_size(rank); i += select_threads) {
+        std::uint32_t s = 0;
+        for (int src = 0; src < C; ++src) { s += cluster.map_shared_rank(own, src)[rank * bpr + i]; }
+        share[i] = s;
+        mine += s;
+      }
+      std::uint32_t unused = 0;
+      block_sum_pair(mine, unused, s_red);
+      if (tid == 0) { cs.slice_total[p & 1] = mine; }
+      cluster.sync();  // every share and its total are complete
+      // Which share holds the `remaining`-th key: warp 0 walks the totals from
+      // the top share down.
+      if (tid < 32) {
+        int const src = C - 1 - tid;
+        std::uint32_t const total = tid < C ? cluster.map_shared_rank(&cs, src)->slice_total[p & 1] : 0u;
+        std::uint32_t incl = total;
+        for (int o = 1; o < 32; o *= 2) {
+          std::uint32_t const y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (tid >= o) { incl += y; }
+        }
+        unsigned const hit = __ballot_sync(0xffffffffu, tid < C && incl >= th.remaining);
+        int const lane = __ffs(static_cast<int>(hit)) - 1;
+        std::uint32_t const incl_hit = __shfl_sync(0xffffffffu, incl, lane);
+        std::uint32_t const total_hit = __shfl_sync(0xffffffffu, total, lane);
+        if (tid == 0) { s_pick = make_uint2(static_cast<std::uint32_t>(C - 1 - lane), incl_hit - total_hit); }
+      }
+      __syncthreads();
+      int const src = static_cast<int>(s_pick.x);
+      std::uint32_t const above_share = s_pick.y;
+      // Copy that share next to this block's other buffers (the other
+      // parity's share: no block reads it during this pass), then walk it.
+      std::uint32_t* tmp = comb + ((p + 1) & 1) * (hist_bins / 2);
+      std::uint32_t const* remote = cluster.map_shared_rank(comb + (p & 1) * (hist_bins / 2), src);
+      int const size = share_size(src);
+      for (int i = tid; i < size; i += select_threads) { tmp[i] = remote[i]; }
+      __syncthreads();
+      pick = walk_down(tmp, size, th.remaining - above_share, temp, &s_pick);
+      pick.x += static_cast<std::uint32_t>(src * bpr);
+    }
+    th.key |= pick.x << shift;
+    th.remaining = pick.y;
+    if (p == radix_passes - 1) {
+      // This block's keys above T: above T's 22-bit prefix, or equal to it
+      // with a larger last digit.
+      std::uint32_t above_digit = 0;
+      for (int i = tid; i < nb; i += select_threads) { above_digit += i > static_cast<int>(pick.x) ? own[i] : 0u; }
+      gt = above_prefix + above_digit;
+      eq = tid == 0 ? own[pick.x] : 0u;
+      block_sum_pair(gt, eq, s_red);
+    }
+  }
+
+  // ---- emit: this block's tokens come after those of the lower ranks.
+  std::uint32_t gt_before = 0, eq_before = 0;
+  if (C > 1) {
+    if (tid == 0) {
+      cs.counts[0] = gt;
+      cs.counts[1] = eq;
+    }
+    cluster.sync();
+    std::uint32_t g_part = 0, e_part = 0;
+    if (tid < rank) {
+      cluster_shared const* other = cluster.map_shared_rank(&cs, tid);
+      g_part = other->counts[0];
+      e_part = other->counts[1];
+    }
+    block_sum_pair(g_part, e_part, s_red);
+    gt_before = g_part;
+    eq_before = e_part;
+  }
   std::uint32_t pos = gt_before + (eq_before < th.remaining ? eq_before : th.remaining);
-
-  index_t const t0 = ri.first + static_cast<index_t>(chunk) * a.chunk_tokens;
-  index_t const t1 = t0 + a.chunk_tokens < ri.first + ri.count ? t0 + a.chunk_tokens : ri.first + ri.count;
-  std::uint32_t const* keys_row = a.keys + static_cast<std::size_t>(row) * a.capacity;
   // Tiles of emit_items consecutive tokens per thread: one pair of block
   // scans per tile keeps the order (thread by thread, then within a thread).
-  constexpr index_t tile = static_cast<index_t>(block_threads) * emit_items;
+  constexpr index_t tile = static_cast<index_t>(select_threads) * emit_items;
   for (index_t base = t0; base < t1; base += tile) {
-    index_t const tb = base + static_cast<index_t>(threadIdx.x) * emit_items;
+    index_t const tb = base + static_cast<index_t>(tid) * emit_items;
     unsigned gt_bits = 0, eq_bits = 0;
 #pragma unroll
     for (int i = 0; i < emit_items; ++i) {
       if (tb + i < t1) {
-        std::uint32_t const key = keys_row[tb + i];
+        std::uint32_t const key = st.key(tb + i);
         gt_bits |= (key > th.key ? 1u : 0u) << i;
         eq_bits |= (key == th.key ? 1u : 0u) << i;
       }
@@ -700,45 +844,41 @@ __global__ void __launch_bounds__(block_threads) emit_kernel(args a)
     std::uint32_t sel_rank = 0, sel_total = 0;
     block_scan(temp).ExclusiveSum(static_cast<std::uint32_t>(__popc(sel_bits)), sel_rank, sel_total);
     __syncthreads();
-    std::uint32_t p = pos + sel_rank;
+    std::uint32_t q = pos + sel_rank;
 #pragma unroll
     for (int i = 0; i < emit_items; ++i) {
-      if ((sel_bits >> i) & 1u) { out_row[p++] = static_cast<std::int32_t>(tb + i); }
+      if ((sel_bits >> i) & 1u) { out_row[q++] = static_cast<std::int32_t>(tb + i); }
     }
     pos += sel_total;
     eq_before += eq_total;
   }
+  // No block leaves while another may still read its shared memory.
+  if (C > 1) { cluster.sync(); }
 }
 
 // ---- launch ------------------------------------------------------------------------------
 
 /// Workspace layout: offsets of each part, 256-byte aligned.
 struct workspace_layout {
-  std::size_t lut = 0, keys = 0, hist = 0, chunk_counts = 0, done = 0, state = 0, logits = 0, part_max = 0,
-              part_sum = 0, total = 0;
+  std::size_t lut = 0, keys = 0, hist = 0, logits = 0, part_max = 0, part_sum = 0, total = 0;
 
-  static workspace_layout make(index_t rows, index_t batch, int q_heads, int r, int m, int ksub, index_t capacity,
-                               index_t max_chunks, bool softmax)
+  static workspace_layout make(index_t rows, int r, int m, int ksub, index_t capacity, index_t max_chunks,
+                               bool softmax)
   {
     auto const up = [](std::size_t x) { return (x + 255) / 256 * 256; };
-    auto const urows = static_cast<std::size_t>(rows), uchunks = static_cast<std::size_t>(max_chunks);
+    auto const urows = static_cast<std::size_t>(rows);
+    auto const cells = urows * static_cast<std::size_t>(capacity);
+    std::size_t const partials = softmax ? urows * static_cast<std::size_t>(r) * static_cast<std::size_t>(max_chunks) : 0;
     workspace_layout w;
     std::size_t at = 0;
     w.lut = at;
     at += up(urows * static_cast<std::size_t>(m) * ksub * r * sizeof(float));
     w.keys = at;
-    at += up(urows * static_cast<std::size_t>(capacity) * sizeof(std::uint32_t));
+    at += up(cells * sizeof(std::uint32_t));
     w.hist = at;
-    at += up(urows * radix_passes * hist_bins * sizeof(std::uint32_t));
-    w.chunk_counts = at;
-    at += up(urows * uchunks * 2 * sizeof(std::uint32_t));
-    w.done = at;
-    at += up(urows * radix_passes * sizeof(std::uint32_t));
-    w.state = at;
-    at += up(urows * 2 * sizeof(std::uint32_t));
+    at += up(urows * hist_bins * sizeof(std::uint32_t));
     w.logits = at;
-    at += up(softmax ? urows * static_cast<std::size_t>(capacity) * r * sizeof(float) : 0);
-    std::size_t const partials = softmax ? static_cast<std::size_t>(batch) * q_heads * uchunks : 0;
+    at += up(softmax ? cells * static_cast<std::size_t>(r) * sizeof(float) : 0);
     w.part_max = at;
     at += up(partials * sizeof(float));
     w.part_sum = at;
@@ -748,48 +888,91 @@ struct workspace_layout {
   }
 };
 
-/// Sets the dynamic shared-memory limit of the score kernels this policy uses.
+/// Raises the dynamic shared-memory limits of the kernels this policy uses
+/// and allows clusters of 16.
 template <class Aggregation>
-void prepare_score_kernels(std::size_t smem_bytes)
+void prepare_kernels(int score_smem, int select_smem_bytes)
 {
-  auto const bytes = static_cast<int>(smem_bytes);
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<4, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<0, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<4, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, score_smem));
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<0, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, score_smem));
+  for (auto* kernel : {select_kernel<4, Aggregation>, select_kernel<0, Aggregation>}) {
+    PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, select_smem_bytes));
+    PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
 }
 
-/// Launches the whole chain on `stream`. `a` is complete; `chunks` is the
-/// grid's x extent (chunks of the call's capacity).
+/// Static shared memory of the select kernel (the dynamic part comes on top).
 template <class Aggregation>
-void launch(args const& a, Aggregation const& agg, index_t batch, int chunks, cudaStream_t stream)
+int select_static_smem()
 {
-  auto const rows = static_cast<unsigned>(batch * a.kv_heads);
-  if (rows == 0) { return; }
-  dim3 const grid(static_cast<unsigned>(chunks), rows);
-  auto const lut_z = static_cast<unsigned>((a.ksub + lut_centroids - 1) / lut_centroids);
-  lut_kernel<><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), block_threads, 0, stream>>>(a);
-  PQKV_CUDA_CHECK_LAST();
-  std::size_t const smem = score_smem_bytes(a.m, a.ksub, a.r);
-  auto score = [&](int phase) {
-    if (a.r == 4) {
-      score_kernel<4, Aggregation><<<grid, block_threads, smem, stream>>>(a, agg, phase);
-    } else {
-      score_kernel<0, Aggregation><<<grid, block_threads, smem, stream>>>(a, agg, phase);
-    }
-    PQKV_CUDA_CHECK_LAST();
-  };
-  if constexpr (Aggregation::needs_softmax) {
-    score(phase_max);
-    score(phase_sum);
+  cudaFuncAttributes attr{};
+  PQKV_CUDA_TRY(cudaFuncGetAttributes(&attr, select_kernel<0, Aggregation>));
+  return static_cast<int>(attr.sharedSizeBytes);
+}
+
+/// A launch configuration; `cluster` > 0 adds the cluster dimension, and
+/// `dependent` makes the kernel a programmatic dependent of the one before.
+inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, std::size_t smem, cudaStream_t stream,
+                                        int cluster, bool dependent, cudaLaunchAttribute (&attr)[2])
+{
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  unsigned n = 0;
+  if (cluster > 0) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
   }
-  score(phase_score);
-  refine_kernel<><<<grid, block_threads, 0, stream>>>(a, 1);
+  if (dependent) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
+  return cfg;
+}
+
+/// How many clusters of `cluster` blocks the device runs at once with `smem`
+/// bytes of dynamic shared memory per select block (0: that size never fits).
+template <class Aggregation>
+int active_clusters(int cluster, std::size_t smem)
+{
+  cudaLaunchAttribute attr[2];
+  auto cfg = launch_config(dim3(static_cast<unsigned>(cluster), 1, 1), select_threads, smem, nullptr, cluster, false, attr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, select_kernel<0, Aggregation>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a refused size is an answer, not an error
+    return 0;
+  }
+  return n;
+}
+
+/// Launches the three kernels on `stream`; `a` is complete, `chunks` the
+/// score grid's extent per row.
+template <class Aggregation>
+void launch(args const& a, Aggregation const& agg, unsigned rows, int chunks, int cluster, cudaStream_t stream)
+{
+  if (rows == 0) { return; }
+  auto const lut_z = static_cast<unsigned>((a.ksub + lut_centroids - 1) / lut_centroids);
+  lut_kernel<><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), lut_threads, 0, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
-  refine_kernel<><<<grid, block_threads, 0, stream>>>(a, 2);
-  PQKV_CUDA_CHECK_LAST();
-  count_kernel<><<<grid, block_threads, 0, stream>>>(a);
-  PQKV_CUDA_CHECK_LAST();
-  emit_kernel<><<<grid, block_threads, 0, stream>>>(a);
-  PQKV_CUDA_CHECK_LAST();
+  bool const group4 = a.r == 4;
+  cudaLaunchAttribute attr[2];
+  std::size_t const lut_bytes = static_cast<std::size_t>(a.m) * a.ksub * a.r * sizeof(float);
+  auto score_cfg = launch_config(dim3(static_cast<unsigned>(chunks), rows, 1), score_threads, lut_bytes, stream, 0,
+                                 true, attr);
+  PQKV_CUDA_TRY(cudaLaunchKernelEx(&score_cfg, group4 ? score_kernel<4, Aggregation> : score_kernel<0, Aggregation>,
+                                   a, agg));
+  auto select_cfg = launch_config(dim3(static_cast<unsigned>(cluster), rows, 1), select_threads,
+                                  select_smem::bytes(a.store_tokens), stream, cluster, true, attr);
+  PQKV_CUDA_TRY(cudaLaunchKernelEx(&select_cfg, group4 ? select_kernel<4, Aggregation> : select_kernel<0, Aggregation>,
+                                   a, agg));
 }
 
 }  // namespace pqkv::detail::adc_gpu

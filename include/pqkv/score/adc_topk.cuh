@@ -18,17 +18,16 @@
 ///
 /// Memory and ordering: the caller owns everything. The call allocates
 /// nothing, never synchronizes and never reads device memory on the host, so
-/// it can be captured in a CUDA graph and replayed while seq_lens grows.
-/// Scratch comes from `workspace` (`workspace_bytes()`); it holds the LUTs,
-/// one 32-bit rank key per token (the scores are written once and re-read by
-/// the selection passes, from L2 at decode sizes), the radix histograms,
-/// per-chunk counts and, for softmax policies, the r logits of every token
-/// (written by the first pass, read by the max/sum and scoring passes). A
-/// workspace must not be shared by calls that may run concurrently.
+/// it can be captured in a CUDA graph and replayed while seq_lens grows. It is
+/// one launch: each (sequence, KV head) row is scored by a cluster of blocks
+/// that keep the LUT, the scores and the radix histograms in (distributed)
+/// shared memory. Rows too long for shared memory keep one 32-bit rank key per
+/// token and, for softmax policies, the r logits of every token in
+/// `workspace` (`workspace_bytes()`). A workspace must not be shared by calls
+/// that may run concurrently.
 ///
-/// Determinism: the same inputs give the same outputs on the same device
-/// (fixed reduction orders; the block that resolves a radix digit is whichever
-/// finishes last, but every block would compute the same digit).
+/// Determinism: the same inputs give the same outputs on the same device and
+/// cluster size (every reduction has a fixed order).
 ///
 /// Layouts (row-major): queries [batch, q_heads, dim] float; codes
 /// [batch, kv_heads, capacity, m] uint8 (capacity is the codes' token
@@ -55,14 +54,20 @@
 
 namespace pqkv::gpu {
 
-/// The largest batch and sequence capacity one `adc_topk` serves; they size
-/// the workspace and the launch grids.
+/// The largest batch and sequence capacity one `adc_topk` serves (they size
+/// the workspace), and tuning.
 struct adc_limits {
   index_t max_batch = 1;          ///< sequences per call
   index_t max_tokens = 131072;    ///< codes.extent(2) (token capacity) per call
-  /// Tuning: blocks per SM that a full batch's token split aims for (more
-  /// blocks hide latency; each block of the score kernel loads its row's LUT).
+  /// Tuning: blocks per SM that a full batch's split of the tokens into
+  /// chunks aims for in the score kernel.
   int blocks_per_sm = 4;
+  /// Tuning: most blocks in the cluster that selects one row (1..16; the
+  /// device may allow less).
+  int max_cluster = 16;
+  /// Tuning: the select kernel keeps a block's keys in shared memory when
+  /// its slice fits (else, and when false, in the workspace).
+  bool shared_store = true;
 
   /// Throws `pqkv::error` naming the first field out of range.
   void validate(char const* where = "adc_limits") const
@@ -73,6 +78,8 @@ struct adc_limits {
                  max_tokens, " exceeds the int32 token range");
     PQKV_EXPECTS(blocks_per_sm > 0 && blocks_per_sm <= 64, where, "limits.blocks_per_sm=", blocks_per_sm,
                  " is outside [1, 64]");
+    PQKV_EXPECTS(max_cluster >= 1 && max_cluster <= 16, where, "limits.max_cluster=", max_cluster,
+                 " is outside [1, 16]");
   }
 };
 
@@ -102,29 +109,35 @@ class adc_topk {
                  limits_.max_batch * shape_.kv_heads, " exceeds 65535 rows");
     scale_ = params_.resolved_scale(shape_.dim);
 
-    int device = 0, sms = 0, smem_optin = 0;
+    int device = 0, smem_optin = 0;
     PQKV_CUDA_TRY(cudaGetDevice(&device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
     PQKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    smem_bytes_ = kern::score_smem_bytes(static_cast<int>(shape_.m), static_cast<int>(shape_.ksub()),
-                                      static_cast<int>(shape_.group()));
-    PQKV_EXPECTS(smem_bytes_ + 1024 <= static_cast<std::size_t>(smem_optin), where, "the group's LUT (m=", shape_.m,
-                 ", ksub=", shape_.ksub(), ", q_heads / kv_heads=", shape_.group(), ") needs ", smem_bytes_,
+    // The score kernel holds one row's LUT in shared memory.
+    std::size_t const lut_bytes = static_cast<std::size_t>(shape_.m) * shape_.ksub() * shape_.group() * sizeof(float);
+    PQKV_EXPECTS(lut_bytes + 1024 <= static_cast<std::size_t>(smem_optin), where, "the group's LUT (m=", shape_.m,
+                 ", ksub=", shape_.ksub(), ", q_heads / kv_heads=", shape_.group(), ") needs ", lut_bytes,
                  " bytes of shared memory; the device allows ", smem_optin);
-    kern::prepare_score_kernels<Aggregation>(smem_bytes_);
+    auto const select_max = static_cast<std::size_t>(smem_optin - kern::select_static_smem<Aggregation>());
+    kern::prepare_kernels<Aggregation>(static_cast<int>(lut_bytes), static_cast<int>(select_max));
+    max_store_tokens_ = static_cast<index_t>((select_max - kern::select_smem::bytes(0)) / sizeof(std::uint32_t));
+    active_clusters_[1] = std::numeric_limits<int>::max();
+    for (int c = 2; c <= limits_.max_cluster; ++c) {
+      active_clusters_[c] = kern::active_clusters<Aggregation>(c, select_max);
+    }
 
-    // Split each row's tokens so that a full batch gives a few blocks per SM.
+    // Split each row's tokens for the score kernel so that a full batch
+    // gives a few blocks per SM.
     index_t const rows = limits_.max_batch * shape_.kv_heads;
-    index_t const target_blocks = static_cast<index_t>(sms > 0 ? sms : 132) * limits_.blocks_per_sm;
+    index_t const target_blocks = static_cast<index_t>(sms_) * limits_.blocks_per_sm;
     index_t const chunks_per_row = target_blocks / rows > 1 ? target_blocks / rows : 1;
     index_t chunk = (limits_.max_tokens + chunks_per_row - 1) / chunks_per_row;
-    chunk = (chunk + kern::block_threads - 1) / kern::block_threads * kern::block_threads;
-    chunk_tokens_ = chunk < 1024 ? 1024 : chunk;
+    chunk = (chunk + 1023) / 1024 * 1024;
+    chunk_tokens_ = chunk;
     max_chunks_ = (limits_.max_tokens + chunk_tokens_ - 1) / chunk_tokens_;
-    layout_ = kern::workspace_layout::make(rows, limits_.max_batch, static_cast<int>(shape_.q_heads),
-                                        static_cast<int>(shape_.group()), static_cast<int>(shape_.m),
-                                        static_cast<int>(shape_.ksub()), limits_.max_tokens, max_chunks_,
-                                        Aggregation::needs_softmax);
+    layout_ = kern::workspace_layout::make(rows, static_cast<int>(shape_.group()), static_cast<int>(shape_.m),
+                                           static_cast<int>(shape_.ksub()), limits_.max_tokens, max_chunks_,
+                                           Aggregation::needs_softmax);
   }
 
   [[nodiscard]] adc_shape const& shape() const noexcept { return shape_; }
@@ -134,8 +147,27 @@ class adc_topk {
   [[nodiscard]] float scale() const noexcept { return scale_; }
   /// Bytes of scratch a call needs (16-byte aligned start).
   [[nodiscard]] std::size_t workspace_bytes() const noexcept { return layout_.total; }
-  /// Candidate tokens one block scores (the split of each row).
+  /// Candidate tokens one block of the score kernel takes (the split of each row).
   [[nodiscard]] index_t chunk_tokens() const noexcept { return chunk_tokens_; }
+  /// Blocks that select one row in a call over `batch` sequences: the largest
+  /// cluster size within limits.max_cluster such that rows * size <= SMs and
+  /// all rows' clusters run at once.
+  [[nodiscard]] int cluster_blocks(index_t batch) const noexcept
+  {
+    index_t const rows = batch * shape_.kv_heads;
+    auto const budget = static_cast<index_t>(sms_);
+    int best = 1;
+    for (int c = 2; c <= limits_.max_cluster; ++c) {
+      if (rows * c <= budget && rows <= active_clusters_[c]) { best = c; }
+    }
+    return best;
+  }
+  /// How many clusters of `size` blocks (1..16) the device runs at once with
+  /// the select kernel's largest shared-memory use (0: none fits).
+  [[nodiscard]] int active_clusters(int size) const noexcept
+  {
+    return size >= 1 && size <= limits_.max_cluster ? active_clusters_[size] : 0;
+  }
 
   /// Selects up to k tokens per (sequence, KV head); see the file's contract.
   /// Throws `pqkv::error` before any launch on a shape mismatch, a batch or
@@ -219,9 +251,6 @@ class adc_topk {
     a.lut = reinterpret_cast<float*>(ws + layout_.lut);
     a.keys = reinterpret_cast<std::uint32_t*>(ws + layout_.keys);
     a.hist = reinterpret_cast<std::uint32_t*>(ws + layout_.hist);
-    a.chunk_counts = reinterpret_cast<std::uint32_t*>(ws + layout_.chunk_counts);
-    a.done = reinterpret_cast<std::uint32_t*>(ws + layout_.done);
-    a.state = reinterpret_cast<std::uint32_t*>(ws + layout_.state);
     a.logits = reinterpret_cast<float*>(ws + layout_.logits);
     a.part_max = reinterpret_cast<float*>(ws + layout_.part_max);
     a.part_sum = reinterpret_cast<double*>(ws + layout_.part_sum);
@@ -240,8 +269,13 @@ class adc_topk {
     a.chunk_tokens = static_cast<int>(chunk_tokens_);
     a.max_chunks = static_cast<int>(max_chunks_);
     a.scale = scale_;
+    // A select block's slice is at most ceil(capacity / cluster) tokens; its
+    // keys stay in shared memory when that bound fits.
+    int const cluster = cluster_blocks(batch);
+    index_t const slice = (capacity + cluster - 1) / cluster;
+    a.store_tokens = limits_.shared_store && slice <= max_store_tokens_ ? static_cast<int>(slice) : 0;
     auto const chunks = static_cast<int>((capacity + chunk_tokens_ - 1) / chunk_tokens_);
-    kern::launch(a, agg_, batch, chunks, stream);
+    kern::launch(a, agg_, static_cast<unsigned>(batch * shape_.kv_heads), chunks, cluster, stream);
   }
 
  private:
@@ -250,7 +284,9 @@ class adc_topk {
   adc_limits limits_;
   Aggregation agg_;
   float scale_ = 1.f;
-  std::size_t smem_bytes_ = 0;
+  int sms_ = 132;
+  int active_clusters_[17] = {};  ///< [c]: clusters of c blocks that run at once
+  index_t max_store_tokens_ = 0;
   index_t chunk_tokens_ = 1024;
   index_t max_chunks_ = 1;
   pqkv::detail::adc_gpu::workspace_layout layout_{};

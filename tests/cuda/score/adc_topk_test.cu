@@ -151,10 +151,20 @@ struct device_case {
   }
 };
 
+/// Tuning knobs a test may force (the defaults are the library's).
+struct tuning {
+  int max_cluster = 16;
+  bool shared_store = true;
+};
+
 template <class Agg>
-result run_gpu(case_data const& d)
+result run_gpu(case_data const& d, tuning t = {})
 {
-  pqkv::gpu::adc_topk<Agg> const op{d.shape, d.params, {.max_batch = d.batch, .max_tokens = std::max<index_t>(d.capacity, 1)}};
+  pqkv::gpu::adc_topk<Agg> const op{d.shape, d.params,
+                                    {.max_batch = d.batch,
+                                     .max_tokens = std::max<index_t>(d.capacity, 1),
+                                     .max_cluster = t.max_cluster,
+                                     .shared_store = t.shared_store}};
   device_case dc(d, op.workspace_bytes());
   cudaStream_t stream = nullptr;
   PQKV_CUDA_TRY(cudaStreamCreate(&stream));
@@ -297,6 +307,32 @@ TEST_CASE("gpu adc_topk: large n (70001), k = n / 5 and k = 2048")
     auto const d = make_case(shape, params, {70001, 33333}, 70001, k, 5 + static_cast<std::uint64_t>(k));
     check_equal(d, run_cpu<pqkv::gqa::sum>(d), run_gpu<pqkv::gqa::sum>(d));
   }
+}
+
+TEST_CASE("gpu adc_topk: every cluster size, scores in shared memory or in the workspace")
+{
+  PQKV_REQUIRE_GPU();
+  // One row per sequence and KV head; cluster sizes 1..16 split the rows into
+  // 1..16 slices, some empty (n = 9 with 16 blocks), and the histogram into
+  // shares of unequal size (2048 or 1024 bins over 3, 7, 13 blocks).
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 2000, .sink = 4, .window = 16};
+  auto const d = make_case(shape, params, {20011, 9, 4099}, 20011, 2000, 4242);
+  auto const cpu_sum = run_cpu<pqkv::gqa::sum>(d);
+  auto const cpu_max = run_cpu<pqkv::gqa::max>(d);
+  auto const cpu_soft = run_cpu<pqkv::gqa::softmax_sum>(d);
+  index_t mismatched = 0;
+  for (int c : {1, 2, 3, 4, 7, 8, 13, 16}) {
+    for (bool shared : {true, false}) {
+      CAPTURE(c);
+      CAPTURE(shared);
+      tuning const t{.max_cluster = c, .shared_store = shared};
+      check_equal(d, cpu_sum, run_gpu<pqkv::gqa::sum>(d, t));
+      check_equal(d, cpu_max, run_gpu<pqkv::gqa::max>(d, t));
+      mismatched += check_near_equal(d, cpu_soft, run_gpu<pqkv::gqa::softmax_sum>(d, t), 1e-5);
+    }
+  }
+  CHECK(mismatched <= 10);
 }
 
 TEST_CASE("gpu adc_topk: softmax_sum matches except at counted near-ties")
