@@ -1,0 +1,422 @@
+// SPDX-License-Identifier: Apache-2.0
+// pqkv::gpu::kmeans_trainer against pqkv::cpu::kmeans_trainer on the same
+// keys: identical init (random_sample, subsample, n < ksub) and, from the same
+// centroids, identical assignments; final MSE within 1% after Lloyd;
+// empty-cluster repair picks the CPU's rows; the tolerance stop; determinism;
+// half / bf16 / strided keys; bad inputs throw before any launch.
+#include <pqkv/codebook/kmeans.cuh>
+#include <pqkv/codebook/kmeans.hpp>
+#include <pqkv/core/device_buffer.cuh>
+#include <pqkv/core/host_tensor.hpp>
+#include <pqkv/core/random.hpp>
+
+#include "common/gpu.hpp"
+#include "common/test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace {
+
+using pqkv::index_t;
+using pqkv::test::error_message;
+
+bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
+
+/// Keys [heads, tokens, dim]: blobs plus noise (structure without degeneracy).
+std::vector<float> make_keys(index_t heads, index_t tokens, index_t dim, std::uint64_t seed)
+{
+  std::vector<float> k(static_cast<std::size_t>(heads * tokens * dim));
+  for (index_t h = 0; h < heads; ++h) {
+    for (index_t t = 0; t < tokens; ++t) {
+      auto const blob = pqkv::detail::random_below(seed, 100 + static_cast<std::uint64_t>(h), static_cast<std::uint64_t>(t), 9);
+      for (index_t d = 0; d < dim; ++d) {
+        double const center = 3.0 * (pqkv::detail::random_unit(seed, 200 + blob, static_cast<std::uint64_t>(d)) - 0.5);
+        k[static_cast<std::size_t>((h * tokens + t) * dim + d)] =
+          static_cast<float>(center + pqkv::test::noise(seed + static_cast<std::uint64_t>(h), static_cast<std::uint64_t>(t * dim + d)));
+      }
+    }
+  }
+  return k;
+}
+
+template <class T>
+pqkv::device_buffer<T> upload(std::vector<T> const& v)
+{
+  pqkv::device_buffer<T> d(std::max<std::size_t>(v.size(), 1));
+  PQKV_CUDA_TRY(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <class T>
+std::vector<T> download(pqkv::device_buffer<T> const& d, std::size_t n)
+{
+  std::vector<T> v(n);
+  PQKV_CUDA_TRY(cudaMemcpy(v.data(), d.data(), n * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+/// Results of one training run.
+struct run_result {
+  std::vector<float> centroids;       // [heads, m, ksub, dsub]
+  std::vector<std::uint8_t> codes;    // [heads, tokens, m] (empty when not asked)
+  pqkv::kmeans_report report;
+};
+
+run_result run_cpu(pqkv::pq_config const& cfg, std::vector<float> const& keys, index_t heads, index_t tokens,
+                   std::vector<float> const& init, bool with_codes)
+{
+  run_result r;
+  r.centroids = init;
+  r.centroids.resize(static_cast<std::size_t>(heads * cfg.m * cfg.ksub() * cfg.dsub()));
+  auto const kv = pqkv::make_view(keys.data(), heads, tokens, cfg.dim);
+  auto const cv = pqkv::make_view(r.centroids.data(), heads, cfg.m, cfg.ksub(), cfg.dsub());
+  pqkv::cpu::kmeans_trainer const tr{cfg};
+  if (with_codes) {
+    r.codes.assign(static_cast<std::size_t>(heads * tokens * cfg.m), 0);
+    r.report = tr.train(kv, cv, pqkv::make_view(r.codes.data(), heads, tokens, cfg.m));
+  } else {
+    r.report = tr.train(kv, cv);
+  }
+  return r;
+}
+
+template <class Key = float>
+run_result run_gpu(pqkv::pq_config const& cfg, std::vector<Key> const& keys, index_t heads, index_t tokens,
+                   std::vector<float> const& init, bool with_codes)
+{
+  run_result r;
+  std::size_t const nc = static_cast<std::size_t>(heads * cfg.m * cfg.ksub() * cfg.dsub());
+  std::vector<float> c0 = init;
+  c0.resize(nc, -7.f);  // poison when not provided: every element must be written
+  auto dk = upload(keys);
+  auto dc = upload(c0);
+  pqkv::device_buffer<std::uint8_t> dcodes(static_cast<std::size_t>(heads * tokens * cfg.m));
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
+  auto const kv = pqkv::make_view(static_cast<Key const*>(dk.data()), heads, tokens, cfg.dim);
+  auto const cv = pqkv::make_view(dc.data(), heads, cfg.m, cfg.ksub(), cfg.dsub());
+  if (with_codes) {
+    tr.train(kv, cv, pqkv::make_view(dcodes.data(), heads, tokens, cfg.m), ws.span(), nullptr);
+  } else {
+    tr.train(kv, cv, ws.span(), nullptr);
+  }
+  r.report = tr.report(ws.span(), nullptr);
+  r.centroids = download(dc, nc);
+  if (with_codes) { r.codes = download(dcodes, dcodes.size()); }
+  return r;
+}
+
+/// Centroids rows [heads, m, ksub, dsub] taken from the keys (a fixed init).
+std::vector<float> rows_init(pqkv::pq_config const& cfg, std::vector<float> const& keys, index_t heads,
+                             index_t tokens, std::uint64_t seed)
+{
+  index_t const ksub = cfg.ksub(), dsub = cfg.dsub();
+  std::vector<float> c(static_cast<std::size_t>(heads * cfg.m * ksub * dsub));
+  for (index_t h = 0; h < heads; ++h) {
+    for (index_t s = 0; s < cfg.m; ++s) {
+      for (index_t k = 0; k < ksub; ++k) {
+        auto const t = static_cast<index_t>(pqkv::detail::random_below(seed, static_cast<std::uint64_t>(h * 64 + s),
+                                                                       static_cast<std::uint64_t>(k),
+                                                                       static_cast<std::uint64_t>(tokens)));
+        for (index_t j = 0; j < dsub; ++j) {
+          c[static_cast<std::size_t>(((h * cfg.m + s) * ksub + k) * dsub + j)] =
+            keys[static_cast<std::size_t>((h * tokens + t) * cfg.dim + s * dsub + j)];
+        }
+      }
+    }
+  }
+  return c;
+}
+
+pqkv::pq_config small_config(index_t dim, index_t m, int nbits, int iters, pqkv::init_method init)
+{
+  pqkv::pq_config cfg;
+  cfg.dim = dim;
+  cfg.m = m;
+  cfg.nbits = nbits;
+  cfg.max_iter = iters;
+  cfg.tol = 0;
+  cfg.seed = 99;
+  cfg.init = init;
+  return cfg;
+}
+
+}  // namespace
+
+TEST_CASE("gpu kmeans: from the same centroids the assignment equals the CPU's")
+{
+  PQKV_REQUIRE_GPU();
+  struct shape {
+    index_t dim, m;
+    int nbits;
+  };
+  for (auto const sh : {shape{64, 4, 6}, shape{32, 8, 4}, shape{128, 1, 5}, shape{64, 2, 8}, shape{128, 32, 3}}) {
+    CAPTURE(sh.m);
+    CAPTURE(sh.nbits);
+    index_t const heads = 2, tokens = 1500;
+    auto const cfg = small_config(sh.dim, sh.m, sh.nbits, 0, pqkv::init_method::provided);
+    auto const keys = make_keys(heads, tokens, sh.dim, 5);
+    auto const init = rows_init(cfg, keys, heads, tokens, 3);
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, init, true);
+    auto const gpu = run_gpu(cfg, keys, heads, tokens, init, true);
+    CHECK(gpu.codes == cpu.codes);
+    CHECK(gpu.centroids == cpu.centroids);  // max_iter = 0: untouched
+    REQUIRE(gpu.report.objective.size() == 1);
+    CHECK(gpu.report.objective[0] == doctest::Approx(cpu.report.objective[0]).epsilon(1e-9));
+    CHECK(gpu.report.iterations == 0);
+  }
+}
+
+TEST_CASE("gpu kmeans: Lloyd from the same init reaches the CPU's MSE within 1%")
+{
+  PQKV_REQUIRE_GPU();
+  struct shape {
+    index_t dim, m;
+    int nbits;
+  };
+  // dsub 16 (4, 6, 8 bits), 64 (the largest with shared-memory sums), 128 (global sums), 4
+  for (auto const sh : {shape{64, 4, 4}, shape{64, 4, 6}, shape{64, 4, 8}, shape{128, 2, 8}, shape{128, 1, 6},
+                        shape{128, 32, 5}}) {
+    CAPTURE(sh.m);
+    CAPTURE(sh.nbits);
+    index_t const heads = 2, tokens = 2048, dim = sh.dim, m = sh.m;
+    int const nbits = sh.nbits;
+    auto const cfg = small_config(dim, m, nbits, 8, pqkv::init_method::provided);
+    auto const keys = make_keys(heads, tokens, dim, 11);
+    auto const init = rows_init(cfg, keys, heads, tokens, 4);
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, init, true);
+    auto const gpu = run_gpu(cfg, keys, heads, tokens, init, true);
+    CHECK(gpu.report.iterations == cpu.report.iterations);
+    REQUIRE(gpu.report.objective.size() == cpu.report.objective.size());
+    CHECK(gpu.report.objective[0] == doctest::Approx(cpu.report.objective[0]).epsilon(1e-9));
+    CHECK(std::abs(gpu.report.mse - cpu.report.mse) <= 0.01 * cpu.report.mse);
+    // objective non-increasing on the GPU too
+    for (std::size_t i = 1; i < gpu.report.objective.size(); ++i) {
+      CHECK(gpu.report.objective[i] <= gpu.report.objective[i - 1] * (1 + 1e-6));
+    }
+    std::size_t same = 0;
+    for (std::size_t i = 0; i < cpu.codes.size(); ++i) { same += cpu.codes[i] == gpu.codes[i] ? 1 : 0; }
+    CHECK(static_cast<double>(same) >= 0.95 * static_cast<double>(cpu.codes.size()));
+  }
+}
+
+TEST_CASE("gpu kmeans: random_sample init, subsample and n < ksub draw the CPU's rows")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 3, tokens = 900, dim = 32;
+  auto const keys = make_keys(heads, tokens, dim, 21);
+  SUBCASE("random_sample")
+  {
+    auto const cfg = small_config(dim, 4, 8, 0, pqkv::init_method::random_sample);
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, {}, false);
+    auto const gpu = run_gpu(cfg, keys, heads, tokens, {}, false);
+    CHECK(gpu.centroids == cpu.centroids);
+  }
+  SUBCASE("random_sample with a subsample")
+  {
+    auto cfg = small_config(dim, 8, 6, 0, pqkv::init_method::random_sample);
+    cfg.max_train_points = 400;
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, {}, false);
+    auto const gpu = run_gpu(cfg, keys, heads, tokens, {}, false);
+    CHECK(gpu.centroids == cpu.centroids);
+    CHECK(gpu.report.objective[0] == doctest::Approx(cpu.report.objective[0]).epsilon(1e-9));
+  }
+  SUBCASE("subsample then Lloyd")
+  {
+    auto cfg = small_config(dim, 4, 5, 6, pqkv::init_method::random_sample);
+    cfg.max_train_points = 500;
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, {}, false);
+    auto const gpu = run_gpu(cfg, keys, heads, tokens, {}, false);
+    CHECK(std::abs(gpu.report.mse - cpu.report.mse) <= 0.01 * cpu.report.mse);
+  }
+  SUBCASE("fewer rows than ksub")
+  {
+    auto const cfg = small_config(dim, 2, 8, 5, pqkv::init_method::random_sample);
+    index_t const few = 100;
+    // keys of `few` tokens per head: re-slice head by head
+    std::vector<float> k3(static_cast<std::size_t>(heads * few * dim));
+    for (index_t h = 0; h < heads; ++h) {
+      std::copy_n(keys.begin() + h * tokens * dim, few * dim, k3.begin() + h * few * dim);
+    }
+    auto const cpu = run_cpu(cfg, k3, heads, few, {}, false);
+    auto const gpu = run_gpu(cfg, k3, heads, few, {}, false);
+    CHECK(gpu.centroids == cpu.centroids);
+    CHECK(gpu.report.iterations == 0);
+    CHECK(gpu.report.converged);
+    CHECK(gpu.report.mse == doctest::Approx(cpu.report.mse).epsilon(1e-9));
+  }
+}
+
+TEST_CASE("gpu kmeans: empty clusters take the CPU's farthest rows")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 1200, dim = 32, m = 2;
+  auto const cfg = small_config(dim, m, 5, 1, pqkv::init_method::provided);
+  auto const keys = make_keys(heads, tokens, dim, 31);
+  auto init = rows_init(cfg, keys, heads, tokens, 6);
+  // Every fourth centroid far away: empty after the first assignment.
+  index_t const dsub = cfg.dsub();
+  for (index_t p = 0; p < heads * m; ++p) {
+    for (index_t k = 0; k < cfg.ksub(); k += 4) {
+      for (index_t j = 0; j < dsub; ++j) {
+        init[static_cast<std::size_t>((p * cfg.ksub() + k) * dsub + j)] = 1000.f + static_cast<float>(k);
+      }
+    }
+  }
+  auto const cpu = run_cpu(cfg, keys, heads, tokens, init, false);
+  auto const gpu = run_gpu(cfg, keys, heads, tokens, init, false);
+  for (index_t p = 0; p < heads * m; ++p) {
+    for (index_t k = 0; k < cfg.ksub(); ++k) {
+      for (index_t j = 0; j < dsub; ++j) {
+        auto const e = static_cast<std::size_t>((p * cfg.ksub() + k) * dsub + j);
+        if (k % 4 == 0) {
+          CHECK(gpu.centroids[e] == cpu.centroids[e]);  // a copied row: exact
+        } else {
+          CHECK(gpu.centroids[e] == doctest::Approx(cpu.centroids[e]).epsilon(1e-4).scale(1.0));
+        }
+      }
+    }
+  }
+  CHECK(gpu.report.mse == doctest::Approx(cpu.report.mse).epsilon(1e-3));
+}
+
+TEST_CASE("gpu kmeans: tolerance stops early on the device; runs are deterministic")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 2000, dim = 64;
+  auto cfg = small_config(dim, 4, 6, 50, pqkv::init_method::random_sample);
+  cfg.tol = 1e-3;
+  auto const keys = make_keys(heads, tokens, dim, 41);
+  auto const cpu = run_cpu(cfg, keys, heads, tokens, {}, false);
+  auto const a = run_gpu(cfg, keys, heads, tokens, {}, false);
+  auto const b = run_gpu(cfg, keys, heads, tokens, {}, false);
+  CHECK(a.centroids == b.centroids);
+  CHECK(a.report.objective == b.report.objective);
+  CHECK(a.report.converged);
+  CHECK(a.report.iterations < 50);
+  CHECK(std::abs(a.report.iterations - cpu.report.iterations) <= 2);
+  CHECK(std::abs(a.report.mse - cpu.report.mse) <= 0.01 * cpu.report.mse);
+}
+
+TEST_CASE("gpu kmeans: half, bf16 and strided keys")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 1000, dim = 64, m = 8;
+  auto const cfg = small_config(dim, m, 6, 0, pqkv::init_method::provided);
+  auto const keys = make_keys(heads, tokens, dim, 51);
+  std::vector<__half> kh(keys.size());
+  std::vector<__nv_bfloat16> kb(keys.size());
+  std::vector<float> rh(keys.size()), rb(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    kh[i] = __float2half_rn(keys[i]);
+    kb[i] = __float2bfloat16_rn(keys[i]);
+    rh[i] = __half2float(kh[i]);
+    rb[i] = __bfloat162float(kb[i]);
+  }
+  auto const init = rows_init(cfg, rh, heads, tokens, 8);
+  SUBCASE("half")
+  {
+    auto const cpu = run_cpu(cfg, rh, heads, tokens, init, true);
+    auto const gpu = run_gpu<__half>(cfg, kh, heads, tokens, init, true);
+    CHECK(gpu.codes == cpu.codes);
+  }
+  SUBCASE("bf16")
+  {
+    auto const cpu = run_cpu(cfg, rb, heads, tokens, init, true);
+    auto const gpu = run_gpu<__nv_bfloat16>(cfg, kb, heads, tokens, init, true);
+    CHECK(gpu.codes == cpu.codes);
+  }
+  SUBCASE("strided (tokens-major, NHD) float keys")
+  {
+    // stored [tokens, heads, dim], seen as [heads, tokens, dim]
+    std::vector<float> nhd(keys.size());
+    for (index_t h = 0; h < heads; ++h) {
+      for (index_t t = 0; t < tokens; ++t) {
+        std::copy_n(keys.begin() + (h * tokens + t) * dim, dim, nhd.begin() + (t * heads + h) * dim);
+      }
+    }
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, init, true);
+    auto dk = upload(nhd);
+    auto dc = upload(init);
+    pqkv::device_buffer<std::uint8_t> dcodes(static_cast<std::size_t>(heads * tokens * m));
+    pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+    pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
+    auto const kv = pqkv::make_strided_view<float const, 3>(dk.data(), {heads, tokens, dim}, {dim, heads * dim, 1});
+    tr.train(kv, pqkv::make_view(dc.data(), heads, m, cfg.ksub(), cfg.dsub()),
+             pqkv::make_view(dcodes.data(), heads, tokens, m), ws.span(), nullptr);
+    CHECK(download(dcodes, dcodes.size()) == cpu.codes);
+  }
+}
+
+TEST_CASE("gpu kmeans: bad inputs throw before any launch")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 600, dim = 32;
+  auto const cfg = small_config(dim, 4, 4, 3, pqkv::init_method::random_sample);
+  CHECK(contains(error_message([&] {
+                   auto c = cfg;
+                   c.init = pqkv::init_method::kmeans_plus_plus;
+                   pqkv::gpu::kmeans_trainer{c, {}};
+                 }),
+                 "kmeans_plus_plus"));
+  CHECK(contains(error_message([&] {
+                   auto c = cfg;
+                   c.m = 16;  // dsub 2
+                   pqkv::gpu::kmeans_trainer{c, {}};
+                 }),
+                 "dim / m=2"));
+  CHECK(contains(error_message([&] { pqkv::gpu::kmeans_trainer{cfg, {.max_heads = 0}}; }), "max_heads=0"));
+
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  auto const keys = make_keys(heads, tokens, dim, 61);
+  auto dk = upload(keys);
+  std::size_t const nc = static_cast<std::size_t>(heads * cfg.m * cfg.ksub() * cfg.dsub());
+  std::vector<float> const poison(nc, 123.f);
+  auto dc = upload(poison);
+  pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
+  auto const kv = pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens, dim);
+  auto const cv = pqkv::make_view(dc.data(), heads, cfg.m, cfg.ksub(), cfg.dsub());
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens / 2, dim), cv,
+                            ws.span().first(16), nullptr);
+                 }),
+                 "workspace.size()=16"));
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens / 2, dim / 2), cv,
+                            ws.span(), nullptr);
+                 }),
+                 "keys.extent(2)=16"));
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(static_cast<float const*>(dk.data()), heads + 1, tokens / 2, dim), cv,
+                            ws.span(), nullptr);
+                 }),
+                 "max_heads"));
+  CHECK(contains(error_message([&] {
+                   tr.train(kv, pqkv::make_view(dc.data(), heads, cfg.m, cfg.ksub() / 2, cfg.dsub()), ws.span(),
+                            nullptr);
+                 }),
+                 "centroids.extent(2)"));
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(keys.data(), heads, tokens, dim), cv, ws.span(), nullptr);
+                 }),
+                 "not device-accessible"));
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(static_cast<float const*>(nullptr), heads, tokens, dim), cv, ws.span(),
+                            nullptr);
+                 }),
+                 "keys.data_handle() is null"));
+  CHECK(contains(error_message([&] {
+                   tr.train(pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens / 2, dim), cv,
+                            ws.span().subspan(8), nullptr);
+                 }),
+                 "aligned"));
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  CHECK(download(dc, nc) == poison);  // nothing ran
+}
