@@ -66,7 +66,12 @@ concept GqaAggregation = std::is_trivially_copyable_v<A> && requires(A const a, 
 /// `on_insert` when a key enters a slot, `on_hit` when a resident key is used
 /// again (at most once per step), `victim` picks the slot to evict once all are
 /// full. Passed by value into kernels, so trivially copyable, and its functions
-/// are `PQKV_HD`. Models: `cache::lru`, `cache::lfu`, `cache::fifo`.
+/// are `PQKV_HD`. On the GPU (`gpu::slot_table`, cache/gpu_policies.cuh) the
+/// hits and inserts of one step run concurrently, so `on_hit` and `on_insert`
+/// must write only the state of the slot they are given and `victim` must only
+/// read; a policy whose victim is `slot_state::argmin()` may declare
+/// `static constexpr bool victim_is_argmin = true` to have a step's victims
+/// picked in one batch. Models: `cache::lru`, `cache::lfu`, `cache::fifo`.
 template <class P>
 concept CachePolicy = std::is_trivially_copyable_v<P> &&
   requires(P const p, typename P::state_type& s, typename P::state_type const& cs, std::uint32_t slot,

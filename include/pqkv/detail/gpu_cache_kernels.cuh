@@ -1,0 +1,756 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// @file Kernels of the GPU slot table and block-LFU cache (cache/gpu_cache.cuh).
+/// Users never name this header.
+///
+/// One CUDA block per row (one (sequence, KV head) of one layer for the slot
+/// table; one sequence of one layer for the block cache) runs a whole step:
+/// lookup through a dense key -> slot map, first-occurrence detection by an
+/// atomicMin claim in that map, order-preserving compactions by block scans,
+/// and victims by a block-wide radix select over 64-bit (score, stamp) keys
+/// followed by a rank sort of the few selected. Nothing leaves the device.
+
+#include <pqkv/cache/gpu_policies.cuh>
+#include <pqkv/cache/policy.hpp>
+#include <pqkv/core/cuda_try.hpp>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda/functional>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+namespace pqkv::detail::cache_gpu {
+
+inline constexpr int block_threads = 512;
+inline constexpr int scan_items = 4;  ///< consecutive entries per thread in a scan tile
+inline constexpr int tile = block_threads * scan_items;
+inline constexpr std::int32_t claim_base = std::numeric_limits<std::int32_t>::min();
+/// Managed slots whose eviction keys fit in dynamic shared memory without an opt-in.
+inline constexpr int smem_key_slots = 5120;
+
+using block_scan = cub::BlockScan<int, block_threads>;
+using block_reduce_u64 = cub::BlockReduce<unsigned long long, block_threads>;
+using block_reduce_int = cub::BlockReduce<int, block_threads>;
+
+struct shared_scratch {
+  union {
+    block_scan::TempStorage scan;
+    block_reduce_u64::TempStorage reduce64;
+    block_reduce_int::TempStorage reduce;
+  } temp;
+  unsigned int hist[256];
+  int total;
+  int count;
+  unsigned long long prefix;
+  int want;
+  unsigned long long lo, hi;
+  int flags[4];
+};
+
+/// Float bits mapped so that unsigned order is float order (-0 as +0).
+__device__ __forceinline__ std::uint32_t ordered_bits(float x)
+{
+  std::uint32_t const b = __float_as_uint(x == 0.f ? 0.f : x);
+  return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
+}
+
+/// Order-preserving compaction over [0, n): calls emit(i, rank) for every i
+/// with pred(i), rank counting such i in index order; returns the count (all threads).
+template <class Pred, class Emit>
+__device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
+{
+  // The running offset lives in registers: every thread gets the tile's
+  // aggregate from the scan, so no shared word is rewritten while others read it.
+  int off = 0;
+  for (int base = 0; base < n; base += tile) {
+    int flags[scan_items];
+    int ranks[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      int const i = base + static_cast<int>(threadIdx.x) * scan_items + u;
+      flags[u] = i < n && pred(i) ? 1 : 0;
+    }
+    int tile_total = 0;
+    block_scan(sh.temp.scan).ExclusiveSum(flags, ranks, tile_total);
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      if (flags[u] != 0) { emit(base + static_cast<int>(threadIdx.x) * scan_items + u, off + ranks[u]); }
+    }
+    off += tile_total;
+    __syncthreads();  // the scan storage is reused, and emitted entries are read next
+  }
+  if (n <= 0) { __syncthreads(); }
+  return off;
+}
+
+/// Selects the `want` smallest candidates of [0, n) in (key, index) order and
+/// writes their indices, ascending in that order, to out[0, r); returns r =
+/// min(want, candidates). sel_key / sel_idx: scratch of n entries.
+template <class KeyAt, class Cand>
+__device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
+                               std::int32_t* sel_idx, std::int32_t* out, shared_scratch& sh)
+{
+  // Candidates, and the bits where their keys differ at all.
+  int local = 0;
+  unsigned long long lo = ~0ull, hi = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+    if (!cand(i)) { continue; }
+    unsigned long long const k = key_at(i);
+    ++local;
+    lo = k < lo ? k : lo;
+    hi = k > hi ? k : hi;
+  }
+  int const total = block_reduce_int(sh.temp.reduce).Sum(local);
+  __syncthreads();
+  unsigned long long const blo = block_reduce_u64(sh.temp.reduce64).Reduce(lo, ::cuda::minimum<>{});
+  __syncthreads();
+  unsigned long long const bhi = block_reduce_u64(sh.temp.reduce64).Reduce(hi, ::cuda::maximum<>{});
+  if (threadIdx.x == 0) {
+    sh.total = total;
+    sh.lo = blo;
+    sh.hi = bhi;
+  }
+  __syncthreads();
+  int const r = sh.total < want ? sh.total : want;
+  if (r <= 0) { return 0; }
+
+  // Radix select of the r-th smallest key T, 8 bits a pass, from the highest
+  // bit where the candidates differ; sh.want ends as how many keys equal to T
+  // are taken (the lowest indices among them).
+  if (threadIdx.x == 0) {
+    sh.prefix = sh.lo;
+    sh.want = r;
+  }
+  unsigned long long const diff = sh.lo ^ sh.hi;
+  if (diff != 0) {
+    int const top = 63 - __clzll(static_cast<long long>(diff));
+    if (threadIdx.x == 0) { sh.prefix = top >= 63 ? 0 : (sh.lo >> (top + 1)) << (top + 1); }
+    __syncthreads();
+    for (int shift = (top / 8) * 8; shift >= 0; shift -= 8) {
+      for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
+      __syncthreads();
+      unsigned long long const prefix = sh.prefix;
+      int const above = shift + 8;
+      for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+        if (!cand(i)) { continue; }
+        unsigned long long const k = key_at(i);
+        if (above < 64 && (k >> above) != (prefix >> above)) { continue; }
+        atomicAdd(&sh.hist[(k >> shift) & 0xFFu], 1u);
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        unsigned int counts[8];
+        unsigned int sum = 0;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          counts[q] = sh.hist[threadIdx.x * 8 + q];
+          sum += counts[q];
+        }
+        unsigned int incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          unsigned int const v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+          if (static_cast<int>(threadIdx.x) >= o) { incl += v; }
+        }
+        auto const w = static_cast<unsigned int>(sh.want);
+        __syncwarp();  // every lane has read sh.want before one lane rewrites it
+        unsigned int acc = incl - sum;
+        if (acc < w && w <= incl) {
+          for (int q = 0; q < 8; ++q) {
+            if (acc + counts[q] >= w) {
+              sh.prefix = prefix | (static_cast<unsigned long long>(threadIdx.x * 8 + q) << shift);
+              sh.want = static_cast<int>(w - acc);
+              break;
+            }
+            acc += counts[q];
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  unsigned long long const threshold = sh.prefix;
+  int const take_equal = sh.want;
+
+  // Keys below T, and the first take_equal keys equal to T in index order.
+  if (threadIdx.x == 0) { sh.count = 0; }
+  __syncthreads();
+  compact_in_order(
+    n, [&](int i) { return cand(i) && key_at(i) == threshold; },
+    [&](int i, int rank) {
+      if (rank < take_equal) {
+        int const at = atomicAdd(&sh.count, 1);
+        sel_key[at] = threshold;
+        sel_idx[at] = i;
+      }
+    },
+    sh);
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+    if (!cand(i)) { continue; }
+    unsigned long long const k = key_at(i);
+    if (k < threshold) {
+      int const at = atomicAdd(&sh.count, 1);
+      sel_key[at] = k;
+      sel_idx[at] = i;
+    }
+  }
+  __syncthreads();
+  // Rank sort of the r selected (r is small next to n on warm steps).
+  for (int i = static_cast<int>(threadIdx.x); i < r; i += block_threads) {
+    unsigned long long const ki = sel_key[i];
+    std::int32_t const xi = sel_idx[i];
+    int rank = 0;
+    for (int j = 0; j < r; ++j) {
+      unsigned long long const kj = sel_key[j];
+      rank += (kj < ki || (kj == ki && sel_idx[j] < xi)) ? 1 : 0;
+    }
+    out[rank] = xi;
+  }
+  __syncthreads();
+  return r;
+}
+
+/// Parameters of one slot-table step over one layer; row r = b * kv_heads + h.
+struct table_args {
+  std::int32_t* slot_of;        // [rows, key_bound] slot of each key, -1 absent (claims inside a step)
+  std::int32_t* key_of;         // [rows, managed] key in each slot, -1 free
+  float* score;                 // [rows, managed]
+  std::uint32_t* stamp;         // [rows, managed]
+  std::uint32_t* pinned;        // [rows, managed] step that last used the slot
+  std::uint32_t* steps;         // [rows] calls since reset (the policy's step and the pin epoch)
+  std::uint32_t* used;          // [rows] occupied slots
+  std::int32_t const* keys;     // [rows, n] selection, -1 padded
+  std::int32_t const* newest;   // [batch] key of the reserved slot, or null
+  std::int32_t* slots;          // [rows, n] out
+  std::uint8_t* hit;            // [rows, n] out
+  std::int32_t* ins_key;        // [rows, n] out: inserted keys in first-occurrence order
+  std::int32_t* ins_slot;       // [rows, n] out
+  std::int32_t* ins_evicted;    // [rows, n] out
+  std::int32_t* ins_count;      // [rows] out
+  std::int32_t* counters;       // [rows, 4] out: hits, misses, bypassed, bad keys
+  unsigned long long* sel_key;  // [rows, managed] scratch
+  std::int32_t* sel_idx;        // [rows, managed] scratch
+  unsigned long long* key_cache;  // [rows, managed] scratch when the keys do not fit in shared memory
+  bool keys_in_smem;            // eviction keys in dynamic shared memory (managed * 8 bytes)
+  // Optional row pointers [rows, n] (null: none): hot row, store row when bypassed, null for padding.
+  std::byte const** k_ptr;
+  std::byte const** v_ptr;
+  std::byte const* hot_k;       // [rows, capacity, row_bytes] hot buffer of the layer
+  std::byte const* hot_v;
+  std::byte const* store_k;     // [sequences, kv_heads, store_capacity, row_bytes] mapped store of the layer
+  std::byte const* store_v;
+  std::int64_t row_bytes;
+  std::int64_t store_capacity;
+  std::int64_t capacity;        // hot rows per row (managed + reserved)
+  int n;
+  int key_bound;
+  int managed;
+  int kv_heads;
+  bool reserved;
+};
+
+template <class Policy>
+__global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a, Policy policy)
+{
+  __shared__ shared_scratch sh;
+  __shared__ std::uint32_t s_step;
+  std::int64_t const row = blockIdx.x;
+  std::int64_t const rm = row * a.managed;
+  std::int32_t* slot_of = a.slot_of + row * a.key_bound;
+  std::int32_t* key_of = a.key_of + rm;
+  std::uint32_t* pinned = a.pinned + rm;
+  std::int32_t const* keys = a.keys + row * a.n;
+  std::int32_t* slots = a.slots + row * a.n;
+  std::uint8_t* hit = a.hit + row * a.n;
+  std::int32_t* ins_key = a.ins_key + row * a.n;
+  std::int32_t* ins_slot = a.ins_slot + row * a.n;
+  std::int32_t* ins_evicted = a.ins_evicted + row * a.n;
+
+  if (threadIdx.x == 0) {
+    std::uint32_t st = a.steps[row] + 1;
+    sh.flags[0] = st == 0 ? 1 : 0;  // the epoch wrapped: old pins could match again
+    st = st == 0 ? 1 : st;
+    a.steps[row] = st;
+    s_step = st;
+  }
+  __syncthreads();
+  if (sh.flags[0] != 0) {
+    for (int s = static_cast<int>(threadIdx.x); s < a.managed; s += block_threads) { pinned[s] = 0; }
+    __syncthreads();
+  }
+  std::uint32_t const step = s_step;
+  cache::slot_state state{a.score + rm, a.stamp + rm, pinned, static_cast<std::uint32_t>(a.managed), step};
+  std::int32_t const newest = a.reserved && a.newest != nullptr ? a.newest[row / a.kv_heads] : -1;
+  auto const reserved_slot = static_cast<std::int32_t>(a.managed);
+
+  // 1. Hits (on the map as it was before the call); misses claim their key
+  //    with the lowest position holding it. Each thread takes scan_items
+  //    consecutive entries per tile and issues their loads together: the
+  //    step is latency-bound, one block per row.
+  int hits = 0, bad = 0, valid_count = 0;
+  for (int base = 0; base < a.n; base += tile) {
+    int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
+    std::int32_t key[scan_items], s[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) { key[u] = j0 + u < a.n ? keys[j0 + u] : -1; }
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      bool const valid = key[u] >= 0 && key[u] < a.key_bound;
+      s[u] = !valid ? -1 : (key[u] == newest ? reserved_slot : slot_of[key[u]]);
+      bad += key[u] >= a.key_bound ? 1 : 0;
+      valid_count += valid ? 1 : 0;
+    }
+    std::uint32_t first[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      first[u] = 0;
+      if (s[u] >= 0 && s[u] != reserved_slot) { first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u; }
+      if (s[u] < 0 && key[u] >= 0 && key[u] < a.key_bound) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
+    }
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      if (first[u] != 0) { policy.on_hit(state, static_cast<std::uint32_t>(s[u]), step); }
+      hits += s[u] >= 0 ? 1 : 0;
+      if (j0 + u < a.n) {
+        slots[j0 + u] = s[u];
+        hit[j0 + u] = s[u] >= 0 ? 1 : 0;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. Distinct misses in first-occurrence order.
+  int const misses = compact_in_order(
+    a.n,
+    [&](int j) {
+      std::int32_t const key = keys[j];
+      return key >= 0 && key < a.key_bound && hit[j] == 0 && slot_of[key] == claim_base + j;
+    },
+    [&](int j, int rank) { ins_key[rank] = keys[j]; }, sh);
+
+  // 3. Free slots, lowest first, to the first misses (skipped once the row is full).
+  int const used = static_cast<int>(a.used[row]);
+  int free_slots = a.managed - used;
+  if (misses > 0 && free_slots > 0) {
+    free_slots = compact_in_order(
+      a.managed, [&](int s) { return key_of[s] < 0; },
+      [&](int s, int rank) {
+        if (rank < misses) { ins_slot[rank] = s; }
+      },
+      sh);
+  }
+  int const to_free = misses < free_slots ? misses : free_slots;
+
+  // 4. Victims for the rest, then the inserts.
+  int inserted = to_free;
+  auto insert = [&](int i) {
+    std::int32_t const s = ins_slot[i];
+    std::int32_t const key = ins_key[i];
+    std::int32_t const evicted = key_of[s];
+    if (evicted >= 0) { slot_of[evicted] = -1; }
+    key_of[s] = key;
+    slot_of[key] = s;
+    pinned[s] = step;
+    policy.on_insert(state, static_cast<std::uint32_t>(s), step);
+    ins_evicted[i] = evicted;
+  };
+  if constexpr (gpu::victim_is_argmin_v<Policy>) {
+    if (misses > to_free) {
+      // Eviction keys of the candidates, once, in shared memory when they fit
+      // (else in global scratch): (ordered score bits, stamp); non-candidates
+      // (free or pinned by this step) hold the sentinel ~0.
+      extern __shared__ unsigned long long dyn_keys[];
+      unsigned long long* kc = a.keys_in_smem ? dyn_keys : a.key_cache + rm;
+      float const* score = state.score;
+      std::uint32_t const* stamp = state.stamp;
+      for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
+        std::int32_t kof[scan_items];
+        std::uint32_t pin[scan_items], stp[scan_items];
+        float sc[scan_items];
+#pragma unroll
+        for (int u = 0; u < scan_items; ++u) {
+          int const sl = s0 + u < a.managed ? s0 + u : a.managed - 1;
+          kof[u] = key_of[sl];
+          pin[u] = pinned[sl];
+          sc[u] = score[sl];
+          stp[u] = stamp[sl];
+        }
+#pragma unroll
+        for (int u = 0; u < scan_items; ++u) {
+          unsigned long long k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+          k = k == ~0ull ? ~0ull - 1 : k;
+          if (s0 + u < a.managed) { kc[s0 + u] = kof[u] >= 0 && pin[u] != step ? k : ~0ull; }
+        }
+      }
+      __syncthreads();
+      unsigned long long* sk = a.sel_key + rm;
+      std::int32_t* si = a.sel_idx + rm;
+      inserted += select_smallest(
+        a.managed, misses - to_free, [&](int sl) { return kc[sl]; }, [&](int sl) { return kc[sl] != ~0ull; }, sk,
+        si, ins_slot + to_free, sh);
+    }
+    for (int i = static_cast<int>(threadIdx.x); i < inserted; i += block_threads) { insert(i); }
+  } else {
+    for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { insert(i); }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int i = to_free; i < misses; ++i) {
+        std::uint32_t const v = policy.victim(state);
+        if (v == cache::no_slot || v >= static_cast<std::uint32_t>(a.managed) || !state.evictable(v)) { break; }
+        ins_slot[i] = static_cast<std::int32_t>(v);
+        insert(i);
+        ++inserted;
+      }
+      sh.count = inserted;
+    }
+    __syncthreads();
+    inserted = sh.count;
+  }
+  for (int i = inserted + static_cast<int>(threadIdx.x); i < misses; i += block_threads) { slot_of[ins_key[i]] = -1; }
+  __syncthreads();
+
+  // 5. Every occurrence of a miss gets its key's slot (-1 when bypassed); row pointers.
+  int bypassed = 0;
+  for (int base = 0; base < a.n; base += tile) {
+    int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
+    std::int32_t key[scan_items], s[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      key[u] = j0 + u < a.n ? keys[j0 + u] : -1;
+      s[u] = j0 + u < a.n ? slots[j0 + u] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      bool const miss = key[u] >= 0 && key[u] < a.key_bound && s[u] < 0;
+      if (miss) {
+        s[u] = slot_of[key[u]];
+        slots[j0 + u] = s[u];
+        bypassed += s[u] < 0 ? 1 : 0;
+      }
+    }
+    if (a.k_ptr != nullptr) {
+#pragma unroll
+      for (int u = 0; u < scan_items; ++u) {
+        if (j0 + u >= a.n) { continue; }
+        bool const valid = key[u] >= 0 && key[u] < a.key_bound;
+        std::byte const* kp = nullptr;
+        std::byte const* vp = nullptr;
+        if (valid && s[u] >= 0) {
+          std::int64_t const off = (row * a.capacity + s[u]) * a.row_bytes;
+          kp = a.hot_k + off;
+          vp = a.hot_v + off;
+        } else if (valid) {
+          std::int64_t const off = (row * a.store_capacity + key[u]) * a.row_bytes;
+          kp = a.store_k + off;
+          vp = a.store_v + off;
+        }
+        a.k_ptr[row * a.n + j0 + u] = kp;
+        a.v_ptr[row * a.n + j0 + u] = vp;
+      }
+    }
+  }
+  // Counters: warp sums, then one shared atomic per warp and counter.
+  if (threadIdx.x < 4) { sh.flags[threadIdx.x] = 0; }
+  __syncthreads();
+  int const w_hits = __reduce_add_sync(0xFFFFFFFFu, hits);
+  int const w_valid = __reduce_add_sync(0xFFFFFFFFu, valid_count);
+  int const w_bypassed = __reduce_add_sync(0xFFFFFFFFu, bypassed);
+  int const w_bad = __reduce_add_sync(0xFFFFFFFFu, bad);
+  if ((threadIdx.x & 31u) == 0) {
+    atomicAdd(&sh.flags[0], w_hits);
+    atomicAdd(&sh.flags[1], w_valid);
+    atomicAdd(&sh.flags[2], w_bypassed);
+    atomicAdd(&sh.flags[3], w_bad);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    a.ins_count[row] = inserted;
+    a.used[row] = static_cast<std::uint32_t>(used + to_free);
+    std::int32_t* c = a.counters + row * 4;
+    c[0] = sh.flags[0];
+    c[1] = sh.flags[1] - sh.flags[0];  // misses are occurrences: valid entries that did not hit
+    c[2] = sh.flags[2];
+    c[3] = sh.flags[3];
+  }
+}
+
+template <class Policy>
+void launch_table_step(table_args const& a, Policy policy, int rows, cudaStream_t stream)
+{
+  std::size_t const smem = a.keys_in_smem ? static_cast<std::size_t>(a.managed) * sizeof(unsigned long long) : 0;
+  table_step_kernel<Policy><<<rows, block_threads, smem, stream>>>(a, policy);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+/// Empties `rows` rows of a layer: every key absent, every slot free with
+/// score, stamp, pin and step 0.
+template <int Unused = 0>
+__global__ void table_reset_kernel(table_args a)
+{
+  std::int64_t const row = blockIdx.y;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < a.key_bound;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    a.slot_of[row * a.key_bound + i] = -1;
+  }
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < a.managed;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    std::int64_t const at = row * a.managed + i;
+    a.key_of[at] = -1;
+    a.score[at] = 0.f;
+    a.stamp[at] = 0;
+    a.pinned[at] = 0;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    a.steps[row] = 0;
+    a.used[row] = 0;
+  }
+}
+
+inline void launch_table_reset(table_args const& a, int rows, cudaStream_t stream)
+{
+  dim3 const grid{64, static_cast<unsigned>(rows)};
+  table_reset_kernel<><<<grid, 256, 0, stream>>>(a);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+// ---------------------------------------------------------------------------
+// PQCache's block LFU (cpu::block_lfu_cache), one block per sequence.
+
+struct block_args {
+  std::int32_t* slot_of;        // [seqs, max_blocks] slot of each block, -1 absent
+  std::uint32_t* count;         // [seqs, max_blocks] this step's entries per block; 0 between steps
+  std::int32_t* block_of;       // [seqs, cap] block in each slot, -1 free
+  float* use;                   // [seqs, cap]
+  std::uint32_t* stamp;         // [seqs, cap]
+  std::uint32_t* size;          // [seqs] resident blocks
+  std::uint32_t* touch;         // [seqs] touch counter
+  std::int32_t const* selection;  // [seqs, kv_heads, k]
+  std::int32_t const* offloaded;  // [seqs] positions in the store (device)
+  std::int32_t* rows;           // [seqs, kv_heads, k] out, or null
+  std::int32_t* distinct;       // [seqs, kv_heads * k] scratch: this step's blocks
+  unsigned long long* sel_key;  // [seqs, kv_heads * k] scratch
+  std::int32_t* sel_idx;        // [seqs, kv_heads * k] scratch
+  std::int32_t* ranked;         // [seqs, per_step] scratch: kept blocks, busiest first
+  std::int32_t* promoted;       // [seqs, per_step] out
+  std::int32_t* ins_block;      // [seqs, per_step] out
+  std::int32_t* ins_slot;       // [seqs, per_step] out
+  std::int32_t* ins_evicted;    // [seqs, per_step] out
+  std::uint8_t* ins_copy;       // [seqs, per_step] out
+  std::int32_t* counters;       // [seqs, 5] out: token hits, token misses, promoted, inserts, bad entries
+  std::int32_t* copy_src;       // [seqs, kv_heads, per_step * block_tokens] out: store rows to copy
+  std::int32_t* copy_dst;       // same: hot rows they go to
+  std::int32_t* copy_count;     // [seqs * kv_heads] out
+  std::int64_t max_blocks;
+  std::int64_t max_tokens;
+  int kv_heads;
+  int k;
+  int cap;
+  int block_tokens;
+  int per_step;
+};
+
+template <int Unused = 0>
+__global__ void __launch_bounds__(block_threads) block_lfu_step_kernel(block_args a)
+{
+  __shared__ shared_scratch sh;
+  __shared__ int s_distinct, s_promoted, s_inserted;
+  std::int64_t const seq = blockIdx.x;
+  std::int32_t* slot_of = a.slot_of + seq * a.max_blocks;
+  std::uint32_t* count = a.count + seq * a.max_blocks;
+  std::int32_t* block_of = a.block_of + seq * a.cap;
+  float* use = a.use + seq * a.cap;
+  std::uint32_t* stamp = a.stamp + seq * a.cap;
+  int const entries = a.kv_heads * a.k;
+  std::int32_t const* sel = a.selection + seq * entries;
+  std::int32_t* distinct = a.distinct + seq * entries;
+  std::int64_t const ps = seq * a.per_step;
+  auto const bt = static_cast<std::int64_t>(a.block_tokens);
+  if (threadIdx.x == 0) {
+    s_distinct = 0;
+    s_promoted = 0;
+    s_inserted = 0;
+  }
+  __syncthreads();
+
+  // 1-2. Hits on the cache as it was; per-block counts; the step's distinct blocks.
+  int hits = 0, misses = 0, bad = 0;
+  for (int e = static_cast<int>(threadIdx.x); e < entries; e += block_threads) {
+    std::int32_t const pos = sel[e];
+    std::int32_t row = -1;
+    if (pos >= a.max_tokens) {
+      ++bad;
+    } else if (pos >= 0) {
+      std::int64_t const b = pos / bt;
+      if (atomicAdd(&count[b], 1u) == 0) { distinct[atomicAdd(&s_distinct, 1)] = static_cast<std::int32_t>(b); }
+      std::int32_t const s = slot_of[b];
+      if (s >= 0) {
+        row = static_cast<std::int32_t>(s * bt + pos % bt);
+        ++hits;
+      } else {
+        ++misses;
+      }
+    }
+    if (a.rows != nullptr) { a.rows[seq * entries + e] = row; }
+  }
+  __syncthreads();
+  int const nd = s_distinct;
+
+  // 3. The busiest blocks: count descending, then block ascending (unique keys).
+  std::int32_t* ranked = a.ranked + ps;
+  int const kept = select_smallest(
+    nd, a.per_step,
+    [&](int i) {
+      std::int32_t const b = distinct[i];
+      return (static_cast<unsigned long long>(~count[b]) << 32) | static_cast<std::uint32_t>(b);
+    },
+    [&](int) { return true; }, a.sel_key + seq * entries, a.sel_idx + seq * entries, ranked, sh);
+  for (int i = static_cast<int>(threadIdx.x); i < kept; i += block_threads) { ranked[i] = distinct[ranked[i]]; }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < nd; i += block_threads) { count[distinct[i]] = 0; }
+
+  // 4-5. Kept blocks in rank order, by warp 0 (each insert may evict the last one's block).
+  if (threadIdx.x < 32) {
+    unsigned const lane = threadIdx.x;
+    std::int64_t const offloaded = a.offloaded[seq];
+    std::uint32_t size = a.size[seq];
+    std::uint32_t touch = a.touch[seq];
+    int promoted = 0, inserted = 0;
+    cache::lfu const policy{};
+    cache::slot_state state{use, stamp, nullptr, static_cast<std::uint32_t>(a.cap), 0};
+    for (int i = 0; i < kept; ++i) {
+      std::int32_t const block = ranked[i];
+      if ((std::int64_t{block} + 1) * bt > offloaded) { continue; }
+      std::int32_t const held = slot_of[block];
+      if (held >= 0) {
+        if (lane == 0) {
+          policy.on_hit(state, static_cast<std::uint32_t>(held), touch);
+          a.promoted[ps + promoted] = block;
+        }
+        ++touch;
+        ++promoted;
+        __syncwarp();
+        continue;
+      }
+      std::uint32_t slot = 0;
+      if (size < static_cast<std::uint32_t>(a.cap)) {
+        slot = size++;
+      } else {
+        // Warp argmin in eviction order (lowest use, then oldest stamp, then slot).
+        std::uint32_t best = cache::no_slot;
+        for (std::uint32_t s = lane; s < static_cast<std::uint32_t>(a.cap); s += 32) {
+          if (best == cache::no_slot || state.evicts_before(s, best)) { best = s; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+          std::uint32_t const other = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+          if (other != cache::no_slot && (best == cache::no_slot || state.evicts_before(other, best))) { best = other; }
+        }
+        slot = best;
+      }
+      if (lane == 0) {
+        std::int32_t const evicted = block_of[slot];
+        if (evicted >= 0) { slot_of[evicted] = -1; }
+        block_of[slot] = block;
+        slot_of[block] = static_cast<std::int32_t>(slot);
+        policy.on_insert(state, slot, touch);
+        a.ins_block[ps + inserted] = block;
+        a.ins_slot[ps + inserted] = static_cast<std::int32_t>(slot);
+        a.ins_evicted[ps + inserted] = evicted;
+      }
+      ++touch;
+      ++inserted;
+      __syncwarp();
+    }
+    if (lane == 0) {
+      a.size[seq] = size;
+      a.touch[seq] = touch;
+      s_promoted = promoted;
+      s_inserted = inserted;
+    }
+  }
+  __syncthreads();
+  int const inserted = s_inserted;
+
+  // 6. Copy flags: the block still holds the slot and did not hold it before.
+  for (int i = static_cast<int>(threadIdx.x); i < inserted; i += block_threads) {
+    std::int32_t const block = a.ins_block[ps + i];
+    std::int32_t const slot = a.ins_slot[ps + i];
+    bool held_before = false;
+    for (int j = 0; j < i; ++j) {
+      held_before = held_before || (a.ins_evicted[ps + j] == block && a.ins_slot[ps + j] == slot);
+    }
+    a.ins_copy[ps + i] = slot_of[block] == slot && !held_before ? 1 : 0;
+  }
+  __syncthreads();
+  // The copy lists of every head: rows of the copied blocks, in insert order.
+  int const copies = compact_in_order(
+    inserted, [&](int i) { return a.ins_copy[ps + i] != 0; },
+    [&](int i, int rank) {
+      std::int32_t const block = a.ins_block[ps + i];
+      std::int32_t const slot = a.ins_slot[ps + i];
+      for (int h = 0; h < a.kv_heads; ++h) {
+        std::int64_t const base = (seq * a.kv_heads + h) * a.per_step * bt + rank * bt;
+        for (int t = 0; t < a.block_tokens; ++t) {
+          a.copy_src[base + t] = static_cast<std::int32_t>(block * bt + t);
+          a.copy_dst[base + t] = static_cast<std::int32_t>(slot * bt + t);
+        }
+      }
+    },
+    sh);
+  int const t_hits = block_reduce_int(sh.temp.reduce).Sum(hits);
+  __syncthreads();
+  int const t_misses = block_reduce_int(sh.temp.reduce).Sum(misses);
+  __syncthreads();
+  int const t_bad = block_reduce_int(sh.temp.reduce).Sum(bad);
+  if (threadIdx.x == 0) {
+    std::int32_t* c = a.counters + seq * 5;
+    c[0] = t_hits;
+    c[1] = t_misses;
+    c[2] = s_promoted;
+    c[3] = inserted;
+    c[4] = t_bad;
+  }
+  for (int h = static_cast<int>(threadIdx.x); h < a.kv_heads; h += block_threads) {
+    a.copy_count[seq * a.kv_heads + h] = copies * a.block_tokens;
+  }
+}
+
+inline void launch_block_lfu_step(block_args const& a, int seqs, cudaStream_t stream)
+{
+  block_lfu_step_kernel<><<<seqs, block_threads, 0, stream>>>(a);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+template <int Unused = 0>
+__global__ void block_lfu_reset_kernel(block_args a)
+{
+  std::int64_t const seq = blockIdx.y;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < a.max_blocks;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    a.slot_of[seq * a.max_blocks + i] = -1;
+    a.count[seq * a.max_blocks + i] = 0;
+  }
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < a.cap;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    a.block_of[seq * a.cap + i] = -1;
+    a.use[seq * a.cap + i] = 0.f;
+    a.stamp[seq * a.cap + i] = 0;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    a.size[seq] = 0;
+    a.touch[seq] = 0;
+  }
+}
+
+inline void launch_block_lfu_reset(block_args const& a, int seqs, cudaStream_t stream)
+{
+  dim3 const grid{32, static_cast<unsigned>(seqs)};
+  block_lfu_reset_kernel<><<<grid, 256, 0, stream>>>(a);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+}  // namespace pqkv::detail::cache_gpu
