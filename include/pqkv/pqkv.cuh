@@ -7,4 +7,9 @@
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/device_buffer.cuh>
 
+#include <pqkv/cache/gpu_cache.cuh>
+#include <pqkv/codebook/kmeans.cuh>
+#include <pqkv/encode/encode.cuh>
+#include <pqkv/offload/gather.cuh>
+#include <pqkv/offload/kv_store.cuh>
 #include <pqkv/score/adc_topk.cuh>
