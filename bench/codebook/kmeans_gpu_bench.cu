@@ -20,6 +20,8 @@
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/encode/encode.cuh>
 
+#include "common/gpu_timing.cuh"
+
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -59,41 +61,12 @@ __global__ void fill_init(float* c, float const* keys, index_t tokens, index_t m
   }
 }
 
+/// A stream with a CUDA-event timer on it.
 struct timer {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  timer()
-  {
-    PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    PQKV_CUDA_TRY(cudaEventCreate(&start));
-    PQKV_CUDA_TRY(cudaEventCreate(&stop));
-  }
-  ~timer()
-  {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cudaStreamDestroy(stream);
-  }
-  timer(timer const&) = delete;
-  timer& operator=(timer const&) = delete;
-  template <class F>
-  double ms(F&& f)
-  {
-    PQKV_CUDA_TRY(cudaEventRecord(start, stream));
-    f();
-    PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
-    PQKV_CUDA_TRY(cudaEventSynchronize(stop));
-    float t = 0;
-    PQKV_CUDA_TRY(cudaEventElapsedTime(&t, start, stop));
-    return t;
-  }
+  pqkv::bench::owned_stream owned;
+  cudaStream_t stream = owned.get();
+  pqkv::test::event_timer events{stream};
 };
-
-double median(std::vector<double> v)
-{
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 
 void BM_gpu_kmeans_train(benchmark::State& state)
 {
@@ -122,15 +95,9 @@ void BM_gpu_kmeans_train(benchmark::State& state)
     PQKV_CUDA_TRY(cudaMemcpyAsync(cent.data(), init.data(), nc * sizeof(float), cudaMemcpyDeviceToDevice, tm.stream));
     tr.train(kv, cv, ws.span(), tm.stream);
   };
-  tm.ms(call);  // warm-up
-  std::vector<double> times;
-  for (auto _ : state) {
-    double const t = tm.ms(call);
-    times.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
+  std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
   auto const rep = tr.report(ws.span(), tm.stream);
-  state.counters["median_ms"] = median(times);
+  state.counters["median_ms"] = pqkv::test::median(times);
   state.counters["mse"] = rep.mse;
   state.counters["iterations"] = rep.iterations;
   state.SetItemsProcessed(state.iterations() * heads * tokens);
@@ -160,14 +127,8 @@ void BM_gpu_encode(benchmark::State& state)
                pqkv::make_view(static_cast<float const*>(cent.data()), heads, m, cfg.ksub(), cfg.dsub()),
                pqkv::make_view(codes.data(), heads, tokens, m), tm.stream);
   };
-  tm.ms(call);
-  std::vector<double> times;
-  for (auto _ : state) {
-    double const t = tm.ms(call);
-    times.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
-  state.counters["median_us"] = median(times) * 1e3;
+  std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
+  state.counters["median_us"] = pqkv::test::median(times) * 1e3;
   state.SetItemsProcessed(state.iterations() * heads * tokens);
   state.SetBytesProcessed(state.iterations() * heads * tokens * dim * static_cast<index_t>(sizeof(float)));
 }
@@ -192,26 +153,15 @@ void BM_gpu_encode_append(benchmark::State& state)
   index_t const p0 = cap / 2;
   PQKV_CUDA_TRY(cudaMemcpy(pos.data(), &p0, sizeof(p0), cudaMemcpyHostToDevice));
   timer tm;
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  PQKV_CUDA_TRY(cudaStreamBeginCapture(tm.stream, cudaStreamCaptureModeThreadLocal));
-  enc.append(pqkv::make_strided_view<float const, 3>(keys.data(), {heads, 1, dim}, {cap * dim, dim, 1}),
-             pqkv::make_view(static_cast<float const*>(cent.data()), heads, m, cfg.ksub(), cfg.dsub()),
-             pqkv::make_view(codes.data(), heads, cap, m), std::span<index_t const>{pos.data(), 1}, tm.stream);
-  PQKV_CUDA_TRY(cudaStreamEndCapture(tm.stream, &graph));
-  PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
-  auto call = [&] { PQKV_CUDA_TRY(cudaGraphLaunch(exec, tm.stream)); };
-  tm.ms(call);
-  std::vector<double> times;
-  for (auto _ : state) {
-    double const t = tm.ms(call);
-    times.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
-  state.counters["median_us"] = median(times) * 1e3;
+  pqkv::test::captured_graph const step(tm.stream, [&] {
+    enc.append(pqkv::make_strided_view<float const, 3>(keys.data(), {heads, 1, dim}, {cap * dim, dim, 1}),
+               pqkv::make_view(static_cast<float const*>(cent.data()), heads, m, cfg.ksub(), cfg.dsub()),
+               pqkv::make_view(codes.data(), heads, cap, m), std::span<index_t const>{pos.data(), 1}, tm.stream);
+  });
+  auto call = [&] { step.launch(tm.stream); };
+  std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
+  state.counters["median_us"] = pqkv::test::median(times) * 1e3;
   state.SetItemsProcessed(state.iterations() * heads);
-  PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
-  PQKV_CUDA_TRY(cudaGraphDestroy(graph));
 }
 
 void train_args(benchmark::internal::Benchmark* b)

@@ -24,6 +24,8 @@
 #include <pqkv/offload/gather.cuh>
 #include <pqkv/offload/kv_store.cuh>
 
+#include "common/gpu_timing.cuh"
+
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -90,39 +92,18 @@ std::vector<std::int32_t> make_indices(index_t k, int pattern, std::uint64_t see
   return out;
 }
 
+/// A stream and Google Benchmark's loop timed on it (3 warm-up calls); counter median_us.
 struct timer {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  std::vector<double> us;
-  timer()
-  {
-    PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    PQKV_CUDA_TRY(cudaEventCreate(&start));
-    PQKV_CUDA_TRY(cudaEventCreate(&stop));
-  }
-  ~timer()
-  {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cudaStreamDestroy(stream);
-  }
+  pqkv::bench::owned_stream owned;
+  cudaStream_t stream = owned.get();
+  pqkv::test::event_timer events{stream};
+
   template <class F>
   void run(benchmark::State& state, F&& call)
   {
-    for (int i = 0; i < 3; ++i) { call(); }
-    PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
-    for (auto _ : state) {
-      PQKV_CUDA_TRY(cudaEventRecord(start, stream));
-      call();
-      PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
-      PQKV_CUDA_TRY(cudaEventSynchronize(stop));
-      float ms = 0.f;
-      PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-      state.SetIterationTime(static_cast<double>(ms) * 1e-3);
-      us.push_back(static_cast<double>(ms) * 1e3);
-    }
-    std::sort(us.begin(), us.end());
-    state.counters["median_us"] = us.empty() ? 0.0 : us[us.size() / 2];
+    std::vector<double> us = pqkv::bench::timed_loop(state, events, call, 3);
+    for (double& t : us) { t *= 1e3; }
+    state.counters["median_us"] = pqkv::test::median(us);
   }
 };
 
@@ -294,13 +275,10 @@ void BM_cache_access(benchmark::State& state)
   it = 0;
   for (std::size_t i = 0; i < steps / 4; ++i) { call(); }
   PQKV_CUDA_TRY(cudaStreamSynchronize(t.stream));
-  PQKV_CUDA_TRY(cudaEventRecord(t.start, t.stream));
-  for (int i = 0; i < 32; ++i) { call(); }
-  PQKV_CUDA_TRY(cudaEventRecord(t.stop, t.stream));
-  PQKV_CUDA_TRY(cudaEventSynchronize(t.stop));
-  float ms = 0.f;
-  PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, t.start, t.stop));
-  state.counters["queued_us_per_step"] = static_cast<double>(ms) * 1e3 / 32.0;
+  double const ms = t.events.ms([&] {
+    for (int i = 0; i < 32; ++i) { call(); }
+  });
+  state.counters["queued_us_per_step"] = ms * 1e3 / 32.0;
 }
 
 /// Hit rate and bytes moved per step over the trace: range(0) = cache tokens

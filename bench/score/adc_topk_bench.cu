@@ -14,6 +14,8 @@
 #include <pqkv/core/random.hpp>
 #include <pqkv/score/adc_topk.cuh>
 
+#include "common/gpu_timing.cuh"
+
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -69,11 +71,9 @@ void BM_gpu_adc_topk(benchmark::State& state)
   std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
   PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
 
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  PQKV_CUDA_TRY(cudaEventCreate(&start));
-  PQKV_CUDA_TRY(cudaEventCreate(&stop));
+  pqkv::bench::owned_stream const owned;
+  cudaStream_t const stream = owned.get();
+  pqkv::test::event_timer const timer{stream};
   std::size_t iter = 0;
   auto call = [&] {
     std::size_t const c = iter++ % copies;
@@ -84,58 +84,29 @@ void BM_gpu_adc_topk(benchmark::State& state)
        pqkv::make_view(out.data(), batch, kv_heads, k), pqkv::make_view(valid.data(), batch, kv_heads),
        workspace.span(), stream);
   };
-  for (int i = 0; i < 5; ++i) { call(); }
-  PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
-
-  std::vector<double> times;
-  for (auto _ : state) {
-    PQKV_CUDA_TRY(cudaEventRecord(start, stream));
-    call();
-    PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
-    PQKV_CUDA_TRY(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(static_cast<double>(ms) * 1e-3);
-    times.push_back(static_cast<double>(ms) * 1e3);
-  }
-  std::sort(times.begin(), times.end());
-  state.counters["median_us"] = times.empty() ? 0.0 : times[times.size() / 2];
+  std::vector<double> us = pqkv::bench::timed_loop(state, timer, call, 5);
+  for (double& t : us) { t *= 1e3; }
+  state.counters["median_us"] = pqkv::test::median(us);
 
   // The same call captured in CUDA graphs (one per input copy), as a decode
   // loop would replay it: launch gaps shrink.
-  std::vector<cudaGraphExec_t> graphs(copies, nullptr);
+  std::vector<pqkv::test::captured_graph> graphs;
   for (std::size_t c = 0; c < copies; ++c) {
-    cudaGraph_t graph = nullptr;
     iter = c;
-    PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    call();
-    PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
-    PQKV_CUDA_TRY(cudaGraphInstantiate(&graphs[c], graph, 0));
-    PQKV_CUDA_TRY(cudaGraphDestroy(graph));
+    graphs.emplace_back(stream, call);
   }
-  for (std::size_t c = 0; c < copies; ++c) { PQKV_CUDA_TRY(cudaGraphLaunch(graphs[c], stream)); }
-  std::vector<double> graph_times;
-  for (std::size_t i = 0; i < std::max<std::size_t>(times.size(), 20); ++i) {
-    PQKV_CUDA_TRY(cudaEventRecord(start, stream));
-    PQKV_CUDA_TRY(cudaGraphLaunch(graphs[i % copies], stream));
-    PQKV_CUDA_TRY(cudaEventRecord(stop, stream));
-    PQKV_CUDA_TRY(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    PQKV_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-    graph_times.push_back(static_cast<double>(ms) * 1e3);
+  for (auto const& g : graphs) { g.launch(stream); }
+  std::vector<double> graph_us;
+  for (std::size_t i = 0; i < std::max<std::size_t>(us.size(), 20); ++i) {
+    graph_us.push_back(timer.ms([&] { graphs[i % copies].launch(stream); }) * 1e3);
   }
-  std::sort(graph_times.begin(), graph_times.end());
-  state.counters["graph_median_us"] = graph_times[graph_times.size() / 2];
-  for (auto g : graphs) { PQKV_CUDA_TRY(cudaGraphExecDestroy(g)); }
+  state.counters["graph_median_us"] = pqkv::test::median(graph_us);
   state.counters["k"] = static_cast<double>(k);
   state.counters["cluster"] = op.cluster_blocks(batch);
   state.counters["active_clusters"] = op.active_clusters(op.cluster_blocks(batch));
   state.counters["active_16"] = op.active_clusters(16);
   state.SetItemsProcessed(state.iterations() * batch * n);
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(code_bytes));
-  PQKV_CUDA_TRY(cudaEventDestroy(start));
-  PQKV_CUDA_TRY(cudaEventDestroy(stop));
-  PQKV_CUDA_TRY(cudaStreamDestroy(stream));
 }
 
 void main_grid(benchmark::internal::Benchmark* b)

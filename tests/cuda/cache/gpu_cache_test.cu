@@ -15,6 +15,7 @@
 #include <pqkv/core/random.hpp>
 #include <pqkv/offload/kv_store.cuh>
 
+#include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
 
 #include <algorithm>
@@ -307,12 +308,7 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
                                           pqkv::make_view(v_ptr.data(), batch, heads, n)});
   };
   // Capture one step; replay it with new keys written into device memory.
-  cudaGraph_t g = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  call();
-  PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &g));
-  PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, g, 0));
+  pqkv::test::captured_graph const graph(stream, call);
   int bad_rows = 0, bad_slots = 0, bad_ptrs = 0, copied = 0;
   for (int step = 1; step <= 8; ++step) {
     std::vector<std::int32_t> keys(d_keys.size());
@@ -321,7 +317,7 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
       keys[i] = j == 7 ? -1 : (step * 5 + j * 3 + static_cast<std::int32_t>(i / static_cast<std::size_t>(n))) % tokens;
     }
     upload(d_keys.data(), keys);
-    PQKV_CUDA_TRY(cudaGraphLaunch(exec, stream));
+    graph.launch(stream);
     PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
     auto const slots = download(d_slots.data(), d_slots.size());
     auto const hk = download(hot_k.data(), hot_k.size());
@@ -359,8 +355,6 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
   CHECK(bad_ptrs == 0);
   CHECK(rej == 0);
   CHECK(copied > 0);
-  PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
-  PQKV_CUDA_TRY(cudaGraphDestroy(g));
   PQKV_CUDA_TRY(cudaStreamDestroy(stream));
 }
 

@@ -10,6 +10,7 @@
 #include <pqkv/core/host_tensor.hpp>
 #include <pqkv/core/random.hpp>
 
+#include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
 #include "common/test_util.hpp"
 
@@ -46,21 +47,8 @@ std::vector<float> make_keys(index_t heads, index_t tokens, index_t dim, std::ui
   return k;
 }
 
-template <class T>
-pqkv::device_buffer<T> upload(std::vector<T> const& v)
-{
-  pqkv::device_buffer<T> d(std::max<std::size_t>(v.size(), 1));
-  PQKV_CUDA_TRY(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <class T>
-std::vector<T> download(pqkv::device_buffer<T> const& d, std::size_t n)
-{
-  std::vector<T> v(n);
-  PQKV_CUDA_TRY(cudaMemcpy(v.data(), d.data(), n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
+using pqkv::test::download;
+using pqkv::test::upload;
 
 /// Results of one training run.
 struct run_result {

@@ -8,6 +8,7 @@
 #include <pqkv/encode/encode.cuh>
 #include <pqkv/encode/encode.hpp>
 
+#include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
 #include "common/test_util.hpp"
 
@@ -26,21 +27,8 @@ using pqkv::test::error_message;
 
 bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
-template <class T>
-pqkv::device_buffer<T> upload(std::vector<T> const& v)
-{
-  pqkv::device_buffer<T> d(std::max<std::size_t>(v.size(), 1));
-  PQKV_CUDA_TRY(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <class T>
-std::vector<T> download(pqkv::device_buffer<T> const& d, std::size_t n)
-{
-  std::vector<T> v(n);
-  PQKV_CUDA_TRY(cudaMemcpy(v.data(), d.data(), n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
+using pqkv::test::download;
+using pqkv::test::upload;
 
 std::vector<float> make_values(std::size_t n, std::uint64_t seed)
 {
@@ -190,30 +178,25 @@ TEST_CASE("gpu encoder: append equals a full encode (host position, device posit
     pqkv::device_buffer<index_t> pos(1);
     cudaStream_t stream = nullptr;
     PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    enc.append(pqkv::make_view(static_cast<float const*>(staging.data()), heads, index_t{1}, dim), cv, codes_v,
-               std::span<index_t const>{pos.data(), 1}, stream);
-    PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
-    PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
+    pqkv::test::captured_graph const step(stream, [&] {
+      enc.append(pqkv::make_view(static_cast<float const*>(staging.data()), heads, index_t{1}, dim), cv, codes_v,
+                 std::span<index_t const>{pos.data(), 1}, stream);
+    });
     for (index_t t = 100; t < tokens; ++t) {
       for (index_t h = 0; h < heads; ++h) {
         PQKV_CUDA_TRY(cudaMemcpyAsync(staging.data() + h * dim, dk.data() + (h * tokens + t) * dim, dim * sizeof(float),
                                       cudaMemcpyDeviceToDevice, stream));
       }
       PQKV_CUDA_TRY(cudaMemcpyAsync(pos.data(), &t, sizeof(index_t), cudaMemcpyHostToDevice, stream));
-      PQKV_CUDA_TRY(cudaGraphLaunch(exec, stream));
+      step.launch(stream);
       PQKV_CUDA_TRY(cudaStreamSynchronize(stream));  // `t` is read by the copy above
     }
     // a device position past the capacity writes nothing
     index_t const bad = cap;
     PQKV_CUDA_TRY(cudaMemcpyAsync(pos.data(), &bad, sizeof(index_t), cudaMemcpyHostToDevice, stream));
-    PQKV_CUDA_TRY(cudaGraphLaunch(exec, stream));
+    step.launch(stream);
     PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
     check_rows(download(codes, codes.size()));
-    PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
-    PQKV_CUDA_TRY(cudaGraphDestroy(graph));
     PQKV_CUDA_TRY(cudaStreamDestroy(stream));
   }
 }

@@ -10,6 +10,7 @@
 #include <pqkv/offload/gather.cuh>
 #include <pqkv/offload/kv_store.cuh>
 
+#include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
 
 #include <algorithm>
@@ -155,15 +156,7 @@ void check_gather(index_t head_dim, pad p, bool graph)
                       pqkv::make_view(v_out.data(), batch, h, n, head_dim), rejected.data(), stream);
   };
   if (graph) {
-    cudaGraph_t g = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    call();
-    PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &g));
-    PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, g, 0));
-    PQKV_CUDA_TRY(cudaGraphLaunch(exec, stream));
-    PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
-    PQKV_CUDA_TRY(cudaGraphDestroy(g));
+    pqkv::test::captured_graph(stream, call).launch(stream);
   } else {
     call();
   }
