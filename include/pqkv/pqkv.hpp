@@ -12,9 +12,12 @@
 
 #include <pqkv/codebook/codebook.hpp>
 #include <pqkv/codebook/kmeans.hpp>
+#include <pqkv/codebook/residual.hpp>
 
 #include <pqkv/encode/encode.hpp>
 #include <pqkv/decode/reconstruct.hpp>
+#include <pqkv/decode/residual_reconstruct.hpp>
+#include <pqkv/encode/residual.hpp>
 
 #include <pqkv/score/adc_topk.hpp>
 #include <pqkv/score/exact.hpp>
@@ -22,6 +25,7 @@
 #include <pqkv/score/lut.hpp>
 #include <pqkv/score/topk.hpp>
 
+#include <pqkv/attend/code_attention.hpp>
 #include <pqkv/attend/dense.hpp>
 #include <pqkv/attend/metrics.hpp>
 
