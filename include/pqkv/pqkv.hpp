@@ -27,6 +27,7 @@
 
 #include <pqkv/attend/code_attention.hpp>
 #include <pqkv/attend/dense.hpp>
+#include <pqkv/attend/merge_state.hpp>
 #include <pqkv/attend/metrics.hpp>
 
 #include <pqkv/cache/block_lfu.hpp>
