@@ -30,6 +30,11 @@
 #include <pqkv/attend/merge_state.hpp>
 #include <pqkv/attend/metrics.hpp>
 
+#include <pqkv/sparse/block_sparse_attention.hpp>
+#include <pqkv/sparse/calibrate.hpp>
+#include <pqkv/sparse/quantize.hpp>
+#include <pqkv/sparse/sale_mask.hpp>
+
 #include <pqkv/cache/block_lfu.hpp>
 #include <pqkv/cache/policy.hpp>
 #include <pqkv/cache/slot_table.hpp>
