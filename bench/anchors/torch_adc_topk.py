@@ -21,24 +21,9 @@ import sys
 
 import torch
 
+from timing import median_us
+
 KV, QH, DIM, SINK, WINDOW = 8, 32, 128, 4, 64
-
-
-def median_us(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def softmax_sum_topk(logits, k):

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from timing import median_us
+
 KV, DIM, TOKENS = 8, 128, 131072
 
 
@@ -56,23 +58,6 @@ def wall_median_us(fn, reps, warmup=3):
     return times[len(times) // 2]
 
 
-def event_median_us(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
@@ -96,7 +81,7 @@ def main():
         src = torch.empty(kv_bytes, dtype=torch.uint8).pin_memory()
         src.fill_(1)
         dst = torch.empty(kv_bytes, dtype=torch.uint8, device=dev)
-        contiguous = event_median_us(lambda: dst.copy_(src, non_blocking=True), args.reps)
+        contiguous = median_us(lambda: dst.copy_(src, non_blocking=True), args.reps)
         results.append({"name": "torch_contiguous", "k": k, "bytes": kv_bytes, "median_us": contiguous,
                         "GBps": kv_bytes / contiguous * 1e-3})
         for clustered in (0, 1):

@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from timing import median_us
+
 HEADS, DIM = 8, 128
 CHUNK = 131072
 
@@ -86,20 +88,7 @@ def encode(keys, c, m):
 
 
 def median_ms(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2]
+    return median_us(fn, reps, warmup) / 1e3
 
 
 def main():
