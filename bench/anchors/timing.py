@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """CUDA-event timing shared by the torch anchor scripts in this folder."""
+import datetime
+
 import torch
 
 
@@ -20,3 +22,8 @@ def median_us(fn, reps, warmup=3):
         times.append(start.elapsed_time(stop) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def utc_now():
+    """The current UTC time, ISO 8601, for the JSON the anchors print."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from timing import median_us
+from timing import median_us, utc_now
 
 KV, QH, DIM, SINK, WINDOW = 8, 32, 128, 4, 64
 
@@ -134,7 +134,7 @@ def main():
         print(json.dumps(row), file=sys.stderr, flush=True)
         del centroids, qs, codes
         torch.cuda.empty_cache()
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    doc = {"date": utc_now(), "role": "anchor", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     print(json.dumps(doc, indent=1))
 
 

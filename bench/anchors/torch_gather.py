@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from timing import median_us
+from timing import median_us, utc_now
 
 KV, DIM, TOKENS = 8, 128, 131072
 
@@ -109,7 +109,7 @@ def main():
                            "median_us": t, "GBps": b / t * 1e-3, "rows_ok": ok}
                     results.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    doc = {"date": utc_now(), "role": "anchor", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cpu_threads": torch.get_num_threads(), "results": results}
     print(json.dumps(doc, indent=1))
 

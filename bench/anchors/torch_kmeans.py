@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from timing import median_us
+from timing import median_us, utc_now
 
 HEADS, DIM = 8, 128
 CHUNK = 131072
@@ -103,7 +103,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "heads": HEADS, "dim": DIM,
+    results = {"date": utc_now(), "role": "anchor", "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "heads": HEADS, "dim": DIM,
                "iters": args.iters, "train": [], "encode": []}
     for n in [int(v) for v in args.tokens.split(",")]:
         keys = make_keys(n, dev)

@@ -353,9 +353,16 @@ inline std::string to_json(sweep_result const& r, std::vector<std::pair<std::str
                   codebook_bytes_per_token(rw.pq, r.dim, o.tokens), rw.train_mse, rw.train_s, rw.select_ms);
     s += buf;
     json_quality(s, rw.q);
+    // Ratios to the anchor: the exact top-k at the same k.
+    for (auto const& c : r.ceilings) {
+      if (c.k != rw.k) { continue; }
+      std::snprintf(buf, sizeof buf, ", \"mass_over_exact_topk\": %.4f, \"error_over_exact_topk\": %.4f",
+                    rw.q.mass_mean / c.q.mass_mean, rw.q.err_mean / c.q.err_mean);
+      s += buf;
+    }
     s += i + 1 < r.rows.size() ? "},\n" : "}\n";
   }
-  s += "  ]\n}\n";
+  s += "  ],\n  \"anchor\": \"exact top-k with the same aggregation, sink and window (ceilings)\"\n}\n";
   return s;
 }
 
