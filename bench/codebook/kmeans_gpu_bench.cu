@@ -72,13 +72,8 @@ void BM_gpu_kmeans_train(benchmark::State& state)
 {
   index_t const tokens = state.range(0), m = state.range(1);
   int const nbits = static_cast<int>(state.range(2));
-  pqkv::pq_config cfg;
-  cfg.dim = dim;
-  cfg.m = m;
-  cfg.nbits = nbits;
-  cfg.max_iter = 20;
-  cfg.tol = 0;
-  cfg.init = pqkv::init_method::provided;
+  pqkv::pq_config const cfg{
+    .dim = dim, .m = m, .nbits = nbits, .max_iter = 20, .tol = 0, .init = pqkv::init_method::provided};
   pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
   std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
   pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * tokens * dim)), init(nc), cent(nc);
@@ -108,10 +103,7 @@ void BM_gpu_encode(benchmark::State& state)
 {
   index_t const tokens = state.range(0), m = state.range(1);
   int const nbits = static_cast<int>(state.range(2));
-  pqkv::pq_config cfg;
-  cfg.dim = dim;
-  cfg.m = m;
-  cfg.nbits = nbits;
+  pqkv::pq_config const cfg{.dim = dim, .m = m, .nbits = nbits};
   pqkv::gpu::pq_encoder const enc{cfg};
   std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
   pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * tokens * dim)), cent(nc);
@@ -137,10 +129,7 @@ void BM_gpu_encode_append(benchmark::State& state)
 {
   index_t const cap = state.range(0), m = state.range(1);
   int const nbits = static_cast<int>(state.range(2));
-  pqkv::pq_config cfg;
-  cfg.dim = dim;
-  cfg.m = m;
-  cfg.nbits = nbits;
+  pqkv::pq_config const cfg{.dim = dim, .m = m, .nbits = nbits};
   pqkv::gpu::pq_encoder const enc{cfg};
   std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
   pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * cap * dim)), cent(nc);

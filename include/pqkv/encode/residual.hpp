@@ -88,6 +88,23 @@ void check_code_values(view<Code const, 3> codes, index_t t0, index_t t1, index_
   }
 }
 
+/// The checks `pack_codes` and `unpack_codes` share: bits, a code type wide
+/// enough for it, packed [heads, tokens, packed_row_bytes(n, bits)] against
+/// codes [heads, tokens, n], and non-null data.
+template <class Code, class Codes, class Packed>
+void check_pack_args(Codes const& codes, Packed const& packed, int bits, char const* where)
+{
+  check_bits(bits, where);
+  check_code_type<Code>(bits, where);
+  index_t const heads = codes.extent(0), tokens = codes.extent(1), n = codes.extent(2);
+  PQKV_EXPECTS(packed.extent(0) == heads && packed.extent(1) == tokens, where, "packed extents (", packed.extent(0),
+               ", ", packed.extent(1), ") differ from codes' (", heads, ", ", tokens, ")");
+  PQKV_EXPECTS(packed.extent(2) == packed_row_bytes(n, bits), where, "packed.extent(2)=", packed.extent(2),
+               ", packed_row_bytes(", n, ", ", bits, ")=", packed_row_bytes(n, bits));
+  PQKV_EXPECTS(codes.data_handle() != nullptr || element_count(codes) == 0, where, "codes.data_handle() is null");
+  PQKV_EXPECTS(packed.data_handle() != nullptr || element_count(packed) == 0, where, "packed.data_handle() is null");
+}
+
 /// Code n of a packed row.
 inline std::uint32_t packed_get(std::uint8_t const* row, index_t n, int bits) noexcept
 {
@@ -191,15 +208,8 @@ template <class Code>
 void pack_codes(view<Code, 3> codes, int bits, view<std::uint8_t, 3> packed)
 {
   constexpr char const* where = "pack_codes";
-  pqkv::detail::rq::check_bits(bits, where);
-  pqkv::detail::rq::check_code_type<std::remove_const_t<Code>>(bits, where);
+  pqkv::detail::rq::check_pack_args<std::remove_const_t<Code>>(codes, packed, bits, where);
   index_t const heads = codes.extent(0), tokens = codes.extent(1), n = codes.extent(2);
-  PQKV_EXPECTS(packed.extent(0) == heads && packed.extent(1) == tokens, where, "packed extents (", packed.extent(0),
-               ", ", packed.extent(1), ") differ from codes' (", heads, ", ", tokens, ")");
-  PQKV_EXPECTS(packed.extent(2) == packed_row_bytes(n, bits), where, "packed.extent(2)=", packed.extent(2),
-               ", packed_row_bytes(", n, ", ", bits, ")=", packed_row_bytes(n, bits));
-  PQKV_EXPECTS(codes.data_handle() != nullptr || element_count(codes) == 0, where, "codes.data_handle() is null");
-  PQKV_EXPECTS(packed.data_handle() != nullptr || element_count(packed) == 0, where, "packed.data_handle() is null");
   pqkv::detail::rq::check_code_values(as_const(codes), 0, tokens, index_t{1} << bits, where);
   parallel_for(heads, [&](index_t h) {
     for (index_t t = 0; t < tokens; ++t) {
@@ -223,15 +233,8 @@ template <RqCode Code>
 void unpack_codes(view<std::uint8_t const, 3> packed, int bits, view<Code, 3> codes)
 {
   constexpr char const* where = "unpack_codes";
-  pqkv::detail::rq::check_bits(bits, where);
-  pqkv::detail::rq::check_code_type<Code>(bits, where);
+  pqkv::detail::rq::check_pack_args<Code>(codes, packed, bits, where);
   index_t const heads = codes.extent(0), tokens = codes.extent(1), n = codes.extent(2);
-  PQKV_EXPECTS(packed.extent(0) == heads && packed.extent(1) == tokens, where, "packed extents (", packed.extent(0),
-               ", ", packed.extent(1), ") differ from codes' (", heads, ", ", tokens, ")");
-  PQKV_EXPECTS(packed.extent(2) == packed_row_bytes(n, bits), where, "packed.extent(2)=", packed.extent(2),
-               ", packed_row_bytes(", n, ", ", bits, ")=", packed_row_bytes(n, bits));
-  PQKV_EXPECTS(codes.data_handle() != nullptr || element_count(codes) == 0, where, "codes.data_handle() is null");
-  PQKV_EXPECTS(packed.data_handle() != nullptr || element_count(packed) == 0, where, "packed.data_handle() is null");
   parallel_for(heads, [&](index_t h) {
     for (index_t t = 0; t < tokens; ++t) {
       for (index_t j = 0; j < n; ++j) {
