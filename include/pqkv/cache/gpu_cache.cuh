@@ -70,6 +70,10 @@ struct slot_table_shape {
   std::int32_t key_bound = 0;      ///< keys are token positions in [0, key_bound) (the store's capacity)
   index_t max_keys = 2048;         ///< selection entries per row and call
   cpu::reserve reserved = cpu::reserve::none;
+  /// Tuning: the most managed slots whose eviction keys a step keeps in shared
+  /// memory (-1: as many as the device's shared memory holds); a row with
+  /// more slots keeps them in a global scratch the table owns.
+  std::int32_t max_shared_key_slots = -1;
 
   void validate(char const* where = "slot_table_shape") const
   {
@@ -135,7 +139,11 @@ class slot_table {
     counters_ = device_buffer<std::int32_t>(rows * 4);
     sel_key_ = device_buffer<unsigned long long>(rows * managed);
     sel_idx_ = device_buffer<std::int32_t>(rows * managed);
-    if (managed > static_cast<std::size_t>(pqkv::detail::cache_gpu::smem_key_slots)) {
+    smem_key_slots_ = pqkv::detail::cache_gpu::prepare_table_step<Policy>();
+    if (shape_.max_shared_key_slots >= 0 && shape_.max_shared_key_slots < smem_key_slots_) {
+      smem_key_slots_ = shape_.max_shared_key_slots;
+    }
+    if (managed > static_cast<std::size_t>(smem_key_slots_)) {
       key_cache_ = device_buffer<unsigned long long>(rows * managed);
     }
     PQKV_CUDA_TRY(cudaMemset(ins_count_.data(), 0, ins_count_.size_bytes()));
@@ -280,7 +288,7 @@ class slot_table {
     a.sel_key = sel_key_.data();
     a.sel_idx = sel_idx_.data();
     a.key_cache = key_cache_.data();
-    a.keys_in_smem = managed <= pqkv::detail::cache_gpu::smem_key_slots;
+    a.keys_in_smem = managed <= static_cast<index_t>(smem_key_slots_);
     a.key_bound = shape_.key_bound;
     a.managed = static_cast<int>(managed);
     a.kv_heads = static_cast<int>(shape_.kv_heads);
@@ -334,6 +342,7 @@ class slot_table {
   device_buffer<unsigned long long> sel_key_;  // [rows, managed] victim-selection scratch
   device_buffer<std::int32_t> sel_idx_;      // [rows, managed]
   device_buffer<unsigned long long> key_cache_;  // [rows, managed] eviction keys, when they exceed shared memory
+  int smem_key_slots_ = 0;                   // eviction keys the step keeps in shared memory on this device
   index_t last_n_ = 0;
 };
 

@@ -14,6 +14,7 @@
 #include <pqkv/cache/policy.hpp>
 #include <pqkv/core/cuda_try.hpp>
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda/functional>
@@ -29,24 +30,47 @@ inline constexpr int block_threads = 512;
 inline constexpr int scan_items = 4;  ///< consecutive entries per thread in a scan tile
 inline constexpr int tile = block_threads * scan_items;
 inline constexpr std::int32_t claim_base = std::numeric_limits<std::int32_t>::min();
-/// Managed slots whose eviction keys fit in dynamic shared memory without an opt-in.
-inline constexpr int smem_key_slots = 5120;
+
+/// Count and key range of a candidate set, reduced in one block-wide pass.
+struct key_range {
+  int count;
+  unsigned long long lo, hi;
+};
+struct merge_key_range {
+  __device__ key_range operator()(key_range const& a, key_range const& b) const
+  {
+    return {a.count + b.count, a.lo < b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi};
+  }
+};
 
 using block_scan = cub::BlockScan<int, block_threads>;
-using block_reduce_u64 = cub::BlockReduce<unsigned long long, block_threads>;
+using block_scan_u64 = cub::BlockScan<unsigned long long, block_threads>;
+using block_reduce_range = cub::BlockReduce<key_range, block_threads>;
 using block_reduce_int = cub::BlockReduce<int, block_threads>;
+using block_sort = cub::BlockRadixSort<unsigned long long, block_threads, scan_items, std::int32_t>;
 
 struct shared_scratch {
   union {
     block_scan::TempStorage scan;
-    block_reduce_u64::TempStorage reduce64;
+    block_scan_u64::TempStorage scan64;
+    block_reduce_range::TempStorage range;
     block_reduce_int::TempStorage reduce;
   } temp;
+  /// The selected (key, index) pairs of one select, in index order, when at
+  /// most a tile of them; the radix sort that orders them reuses the space.
+  union {
+    struct {
+      unsigned long long key[tile];
+      std::int32_t idx[tile];
+    } sel;
+    block_sort::TempStorage sort;
+  } order;
   unsigned int hist[256];
   int total;
   int count;
   unsigned long long prefix;
   int want;
+  int done;
   unsigned long long lo, hi;
   int flags[4];
 };
@@ -89,46 +113,54 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 
 /// Selects the `want` smallest candidates of [0, n) in (key, index) order and
 /// writes their indices, ascending in that order, to out[0, r); returns r =
-/// min(want, candidates). sel_key / sel_idx: scratch of n entries.
+/// min(want, candidates). sel_key / sel_idx: global scratch of n entries,
+/// used only when more than a tile is selected.
+///
+/// Steps: one reduction for the candidates' count and key range; a radix
+/// select of the threshold key T, 8 bits a pass from the highest bit where
+/// the candidates differ, stopping early once the chosen bucket is taken
+/// whole; one ordered compaction of the keys below T and the first keys equal
+/// to T; then a stable block radix sort over the bits that still differ (a
+/// tile at most; a rank sort beyond).
 template <class KeyAt, class Cand>
 __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
                                std::int32_t* sel_idx, std::int32_t* out, shared_scratch& sh)
 {
-  // Candidates, and the bits where their keys differ at all.
-  int local = 0;
-  unsigned long long lo = ~0ull, hi = 0;
+  key_range local{0, ~0ull, 0};
   for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
     if (!cand(i)) { continue; }
     unsigned long long const k = key_at(i);
-    ++local;
-    lo = k < lo ? k : lo;
-    hi = k > hi ? k : hi;
+    ++local.count;
+    local.lo = k < local.lo ? k : local.lo;
+    local.hi = k > local.hi ? k : local.hi;
   }
-  int const total = block_reduce_int(sh.temp.reduce).Sum(local);
-  __syncthreads();
-  unsigned long long const blo = block_reduce_u64(sh.temp.reduce64).Reduce(lo, ::cuda::minimum<>{});
-  __syncthreads();
-  unsigned long long const bhi = block_reduce_u64(sh.temp.reduce64).Reduce(hi, ::cuda::maximum<>{});
+  key_range const all = block_reduce_range(sh.temp.range).Reduce(local, merge_key_range{});
   if (threadIdx.x == 0) {
-    sh.total = total;
-    sh.lo = blo;
-    sh.hi = bhi;
+    sh.total = all.count;
+    sh.lo = all.lo;
+    sh.hi = all.hi;
+    sh.done = 0;
   }
   __syncthreads();
-  int const r = sh.total < want ? sh.total : want;
+  int const total = sh.total;
+  int const r = total < want ? total : want;
   if (r <= 0) { return 0; }
+  unsigned long long const lo = sh.lo;
+  unsigned long long const hi = sh.hi;
 
-  // Radix select of the r-th smallest key T, 8 bits a pass, from the highest
-  // bit where the candidates differ; sh.want ends as how many keys equal to T
-  // are taken (the lowest indices among them).
-  if (threadIdx.x == 0) {
-    sh.prefix = sh.lo;
-    sh.want = r;
-  }
-  unsigned long long const diff = sh.lo ^ sh.hi;
-  if (diff != 0) {
+  // The threshold T and how many keys equal to T are taken (the lowest
+  // indices among them). Every candidate is taken when r == total.
+  unsigned long long threshold = hi;
+  int take_equal = total;
+  if (r < total && lo == hi) {
+    take_equal = r;  // all keys equal: the lowest indices go
+  } else if (r < total) {
+    unsigned long long const diff = lo ^ hi;
     int const top = 63 - __clzll(static_cast<long long>(diff));
-    if (threadIdx.x == 0) { sh.prefix = top >= 63 ? 0 : (sh.lo >> (top + 1)) << (top + 1); }
+    if (threadIdx.x == 0) {
+      sh.prefix = top >= 63 ? 0 : (lo >> (top + 1)) << (top + 1);
+      sh.want = r;
+    }
     __syncthreads();
     for (int shift = (top / 8) * 8; shift >= 0; shift -= 8) {
       for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
@@ -162,8 +194,16 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         if (acc < w && w <= incl) {
           for (int q = 0; q < 8; ++q) {
             if (acc + counts[q] >= w) {
-              sh.prefix = prefix | (static_cast<unsigned long long>(threadIdx.x * 8 + q) << shift);
-              sh.want = static_cast<int>(w - acc);
+              unsigned long long const digit = static_cast<unsigned long long>(threadIdx.x * 8 + q) << shift;
+              if (acc + counts[q] == w) {
+                // The bucket is taken whole: T is its largest key, all keys equal to it go.
+                sh.prefix = prefix | digit | ((1ull << shift) - 1);
+                sh.want = total;
+                sh.done = 1;
+              } else {
+                sh.prefix = prefix | digit;
+                sh.want = static_cast<int>(w - acc);
+              }
               break;
             }
             acc += counts[q];
@@ -171,45 +211,96 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         }
       }
       __syncthreads();
+      if (sh.done != 0) { break; }
     }
+    threshold = sh.prefix;
+    take_equal = sh.want;
   }
-  __syncthreads();
-  unsigned long long const threshold = sh.prefix;
-  int const take_equal = sh.want;
 
-  // Keys below T, and the first take_equal keys equal to T in index order.
-  if (threadIdx.x == 0) { sh.count = 0; }
-  __syncthreads();
-  compact_in_order(
-    n, [&](int i) { return cand(i) && key_at(i) == threshold; },
-    [&](int i, int rank) {
-      if (rank < take_equal) {
-        int const at = atomicAdd(&sh.count, 1);
-        sel_key[at] = threshold;
-        sel_idx[at] = i;
+  // The selected pairs in index order: rank = keys below T before i + the
+  // taken keys equal to T before i. One scan of packed (equal, below) counts.
+  bool const in_smem = r <= tile;
+  unsigned long long off = 0;  // (equal << 32) | below, over the previous tiles
+  for (int base = 0; base < n; base += tile) {
+    unsigned long long flags[scan_items], ranks[scan_items], key[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      int const i = base + static_cast<int>(threadIdx.x) * scan_items + u;
+      flags[u] = 0;
+      key[u] = 0;
+      if (i < n && cand(i)) {
+        key[u] = key_at(i);
+        flags[u] = key[u] < threshold ? 1ull : (key[u] == threshold ? 1ull << 32 : 0ull);
       }
-    },
-    sh);
-  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
-    if (!cand(i)) { continue; }
-    unsigned long long const k = key_at(i);
-    if (k < threshold) {
-      int const at = atomicAdd(&sh.count, 1);
-      sel_key[at] = k;
-      sel_idx[at] = i;
     }
+    unsigned long long tile_total = 0;
+    block_scan_u64(sh.temp.scan64).ExclusiveSum(flags, ranks, tile_total);
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      if (flags[u] == 0) { continue; }
+      unsigned long long const before = off + ranks[u];
+      auto const below = static_cast<int>(before & 0xFFFFFFFFull);
+      auto const equal = static_cast<int>(before >> 32);
+      if (flags[u] != 1ull && equal >= take_equal) { continue; }
+      int const pos = below + (equal < take_equal ? equal : take_equal);
+      int const i = base + static_cast<int>(threadIdx.x) * scan_items + u;
+      if (in_smem) {
+        sh.order.sel.key[pos] = key[u];
+        sh.order.sel.idx[pos] = i;
+      } else {
+        sel_key[pos] = key[u];
+        sel_idx[pos] = i;
+      }
+    }
+    off += tile_total;
+    __syncthreads();
   }
-  __syncthreads();
-  // Rank sort of the r selected (r is small next to n on warm steps).
-  for (int i = static_cast<int>(threadIdx.x); i < r; i += block_threads) {
-    unsigned long long const ki = sel_key[i];
-    std::int32_t const xi = sel_idx[i];
-    int rank = 0;
-    for (int j = 0; j < r; ++j) {
-      unsigned long long const kj = sel_key[j];
-      rank += (kj < ki || (kj == ki && sel_idx[j] < xi)) ? 1 : 0;
+
+  if (in_smem) {
+    // Stable sort by key over the bits where the selected keys can differ:
+    // equal keys keep their index order.
+    int const bits = threshold == lo ? 0 : 64 - __clzll(static_cast<long long>(threshold - lo));
+    unsigned long long key[scan_items];
+    std::int32_t idx[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      int const p = static_cast<int>(threadIdx.x) * scan_items + u;
+      key[u] = p < r ? sh.order.sel.key[p] - lo : ~0ull;
+      idx[u] = p < r ? sh.order.sel.idx[p] : -1;
     }
-    out[rank] = xi;
+    if (bits > 16 && r <= block_threads) {
+      // Many radix passes for few pairs: rank each pair against the others
+      // instead (shared-memory broadcasts; index order breaks key ties).
+      int const i = static_cast<int>(threadIdx.x);
+      if (i < r) {
+        unsigned long long const ki = sh.order.sel.key[i];
+        int rank = 0;
+        for (int j = 0; j < r; ++j) {
+          unsigned long long const kj = sh.order.sel.key[j];
+          rank += (kj < ki || (kj == ki && j < i)) ? 1 : 0;
+        }
+        out[rank] = sh.order.sel.idx[i];
+      }
+    } else {
+      __syncthreads();  // the sort's storage overlays the pairs
+      if (bits > 0) { block_sort(sh.order.sort).Sort(key, idx, 0, bits); }
+#pragma unroll
+      for (int u = 0; u < scan_items; ++u) {
+        int const p = static_cast<int>(threadIdx.x) * scan_items + u;
+        if (p < r) { out[p] = idx[u]; }
+      }
+    }
+  } else {
+    // Rank sort of a large selection (index order already breaks key ties).
+    for (int i = static_cast<int>(threadIdx.x); i < r; i += block_threads) {
+      unsigned long long const ki = sel_key[i];
+      int rank = 0;
+      for (int j = 0; j < r; ++j) {
+        unsigned long long const kj = sel_key[j];
+        rank += (kj < ki || (kj == ki && j < i)) ? 1 : 0;
+      }
+      out[rank] = sel_idx[i];
+    }
   }
   __syncthreads();
   return r;
@@ -271,15 +362,50 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   std::int32_t* ins_slot = a.ins_slot + row * a.n;
   std::int32_t* ins_evicted = a.ins_evicted + row * a.n;
 
+  // Fast path (a batched-victim policy whose slots fit in shared memory): the
+  // slots' eviction keys and keys are loaded up front, while the lookups are
+  // in flight, and this step's pins are a shared bit set; the step then reads
+  // no slot state from global memory again.
+  bool const fast = gpu::victim_is_argmin_v<Policy> && a.keys_in_smem;
+  extern __shared__ unsigned long long dyn_smem[];
+  unsigned long long* s_evict_key = dyn_smem;                                      // [managed]
+  auto* s_key_of = reinterpret_cast<std::int32_t*>(dyn_smem + a.managed);          // [managed]
+  auto* s_pins = reinterpret_cast<std::uint32_t*>(s_key_of + a.managed);           // [ceil(managed / 32)]
+  __shared__ int s_used;
   if (threadIdx.x == 0) {
     std::uint32_t st = a.steps[row] + 1;
     sh.flags[0] = st == 0 ? 1 : 0;  // the epoch wrapped: old pins could match again
     st = st == 0 ? 1 : st;
     a.steps[row] = st;
     s_step = st;
+    s_used = static_cast<int>(a.used[row]);
+  }
+  if (fast) {
+    float const* score = a.score + rm;
+    std::uint32_t const* stamp = a.stamp + rm;
+    for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
+      float sc[scan_items];
+      std::uint32_t stp[scan_items];
+      std::int32_t kof[scan_items];
+#pragma unroll
+      for (int u = 0; u < scan_items; ++u) {
+        int const sl = s0 + u < a.managed ? s0 + u : a.managed - 1;
+        sc[u] = score[sl];
+        stp[u] = stamp[sl];
+        kof[u] = key_of[sl];
+      }
+#pragma unroll
+      for (int u = 0; u < scan_items; ++u) {
+        if (s0 + u >= a.managed) { continue; }
+        unsigned long long const k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+        s_evict_key[s0 + u] = k;
+        s_key_of[s0 + u] = kof[u];
+      }
+    }
+    for (int w = static_cast<int>(threadIdx.x); w < (a.managed + 31) / 32; w += block_threads) { s_pins[w] = 0; }
   }
   __syncthreads();
-  if (sh.flags[0] != 0) {
+  if (!fast && sh.flags[0] != 0) {
     for (int s = static_cast<int>(threadIdx.x); s < a.managed; s += block_threads) { pinned[s] = 0; }
     __syncthreads();
   }
@@ -309,7 +435,14 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
       first[u] = 0;
-      if (s[u] >= 0 && s[u] != reserved_slot) { first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u; }
+      if (s[u] >= 0 && s[u] != reserved_slot) {
+        if (fast) {
+          std::uint32_t const bit = 1u << (s[u] & 31);
+          first[u] = (atomicOr(&s_pins[s[u] >> 5], bit) & bit) == 0 ? 1u : 0u;
+        } else {
+          first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
+        }
+      }
       if (s[u] < 0 && key[u] >= 0 && key[u] < a.key_bound) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
     }
 #pragma unroll
@@ -333,66 +466,65 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     },
     [&](int j, int rank) { ins_key[rank] = keys[j]; }, sh);
 
-  // 3. Free slots, lowest first, to the first misses (skipped once the row is full).
-  int const used = static_cast<int>(a.used[row]);
-  int free_slots = a.managed - used;
-  if (misses > 0 && free_slots > 0) {
-    free_slots = compact_in_order(
-      a.managed, [&](int s) { return key_of[s] < 0; },
-      [&](int s, int rank) {
-        if (rank < misses) { ins_slot[rank] = s; }
-      },
-      sh);
-  }
+  // 3. Free slots, lowest first, to the first misses. Slots are freed only by
+  //    a reset and filled lowest first, so the free ones are [used, managed).
+  int const used = s_used;
+  int const free_slots = a.managed - used;
   int const to_free = misses < free_slots ? misses : free_slots;
+  for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { ins_slot[i] = used + i; }
 
   // 4. Victims for the rest, then the inserts.
   int inserted = to_free;
   auto insert = [&](int i) {
     std::int32_t const s = ins_slot[i];
     std::int32_t const key = ins_key[i];
-    std::int32_t const evicted = key_of[s];
+    std::int32_t const evicted = fast ? s_key_of[s] : key_of[s];
     if (evicted >= 0) { slot_of[evicted] = -1; }
     key_of[s] = key;
     slot_of[key] = s;
-    pinned[s] = step;
+    if (!fast) { pinned[s] = step; }  // the fast path's pins live in shared memory
     policy.on_insert(state, static_cast<std::uint32_t>(s), step);
     ins_evicted[i] = evicted;
   };
   if constexpr (gpu::victim_is_argmin_v<Policy>) {
     if (misses > to_free) {
-      // Eviction keys of the candidates, once, in shared memory when they fit
-      // (else in global scratch): (ordered score bits, stamp); non-candidates
-      // (free or pinned by this step) hold the sentinel ~0.
-      extern __shared__ unsigned long long dyn_keys[];
-      unsigned long long* kc = a.keys_in_smem ? dyn_keys : a.key_cache + rm;
-      float const* score = state.score;
-      std::uint32_t const* stamp = state.stamp;
-      for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
-        std::int32_t kof[scan_items];
-        std::uint32_t pin[scan_items], stp[scan_items];
-        float sc[scan_items];
-#pragma unroll
-        for (int u = 0; u < scan_items; ++u) {
-          int const sl = s0 + u < a.managed ? s0 + u : a.managed - 1;
-          kof[u] = key_of[sl];
-          pin[u] = pinned[sl];
-          sc[u] = score[sl];
-          stp[u] = stamp[sl];
-        }
-#pragma unroll
-        for (int u = 0; u < scan_items; ++u) {
-          unsigned long long k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
-          k = k == ~0ull ? ~0ull - 1 : k;
-          if (s0 + u < a.managed) { kc[s0 + u] = kof[u] >= 0 && pin[u] != step ? k : ~0ull; }
-        }
-      }
-      __syncthreads();
       unsigned long long* sk = a.sel_key + rm;
       std::int32_t* si = a.sel_idx + rm;
-      inserted += select_smallest(
-        a.managed, misses - to_free, [&](int sl) { return kc[sl]; }, [&](int sl) { return kc[sl] != ~0ull; }, sk,
-        si, ins_slot + to_free, sh);
+      if (fast) {
+        // Candidates: occupied (below `used`) and not pinned by this step.
+        inserted += select_smallest(
+          a.managed, misses - to_free, [&](int sl) { return s_evict_key[sl]; },
+          [&](int sl) { return sl < used && (s_pins[sl >> 5] & (1u << (sl & 31))) == 0; }, sk, si, ins_slot + to_free,
+          sh);
+      } else {
+        // Eviction keys of the candidates, once, in global scratch: (ordered
+        // score bits, stamp); non-candidates (free, i.e. at or past `used`, or
+        // pinned by this step) hold the sentinel ~0.
+        unsigned long long* kc = a.key_cache + rm;
+        float const* score = state.score;
+        std::uint32_t const* stamp = state.stamp;
+        for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
+          std::uint32_t pin[scan_items], stp[scan_items];
+          float sc[scan_items];
+#pragma unroll
+          for (int u = 0; u < scan_items; ++u) {
+            int const sl = s0 + u < used ? s0 + u : 0;
+            pin[u] = pinned[sl];
+            sc[u] = score[sl];
+            stp[u] = stamp[sl];
+          }
+#pragma unroll
+          for (int u = 0; u < scan_items; ++u) {
+            unsigned long long k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+            k = k == ~0ull ? ~0ull - 1 : k;
+            if (s0 + u < a.managed) { kc[s0 + u] = s0 + u < used && pin[u] != step ? k : ~0ull; }
+          }
+        }
+        __syncthreads();
+        inserted += select_smallest(
+          a.managed, misses - to_free, [&](int sl) { return kc[sl]; }, [&](int sl) { return kc[sl] != ~0ull; }, sk,
+          si, ins_slot + to_free, sh);
+      }
     }
     for (int i = static_cast<int>(threadIdx.x); i < inserted; i += block_threads) { insert(i); }
   } else {
@@ -479,10 +611,41 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   }
 }
 
+/// Dynamic shared memory of the step's fast path: per slot its eviction key,
+/// its key and a pin bit.
+inline std::size_t table_smem_bytes(int managed)
+{
+  auto const m = static_cast<std::size_t>(managed);
+  return m * (sizeof(unsigned long long) + sizeof(std::int32_t)) + (m + 31) / 32 * sizeof(std::uint32_t);
+}
+
+/// Raises the step kernel's dynamic shared memory limit on the current device
+/// to all the block can have, and returns how many slots' eviction keys that
+/// holds. Called once by the table's constructor (not a stream operation).
+template <class Policy>
+int prepare_table_step()
+{
+  int device = 0;
+  int optin = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  PQKV_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr{};
+  PQKV_CUDA_TRY(cudaFuncGetAttributes(&attr, table_step_kernel<Policy>));
+  int const room = optin - static_cast<int>(attr.sharedSizeBytes);
+  // The most slots whose fast-path state fits (12 bytes and a bit each).
+  int slots = room > 0 ? static_cast<int>(static_cast<long long>(room) * 8 / 97) : 0;
+  while (slots > 0 && table_smem_bytes(slots) > static_cast<std::size_t>(room)) { --slots; }
+  if (slots == 0) { return 0; }
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(table_step_kernel<Policy>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(table_smem_bytes(slots))));
+  return slots;
+}
+
 template <class Policy>
 void launch_table_step(table_args const& a, Policy policy, int rows, cudaStream_t stream)
 {
-  std::size_t const smem = a.keys_in_smem ? static_cast<std::size_t>(a.managed) * sizeof(unsigned long long) : 0;
+  std::size_t const smem =
+    gpu::victim_is_argmin_v<Policy> && a.keys_in_smem ? table_smem_bytes(a.managed) : std::size_t{0};
   table_step_kernel<Policy><<<rows, block_threads, smem, stream>>>(a, policy);
   PQKV_CUDA_CHECK_LAST();
 }

@@ -114,11 +114,13 @@ std::vector<std::int32_t> trace_keys(trace t, int step, int row, int n, int key_
 
 template <class Policy>
 void compare_table(trace t, std::uint32_t capacity, pqkv::cpu::reserve reserved, int n, int steps, bool bad,
-                   std::uint64_t seed, Policy policy = Policy{}, std::int32_t key_bound = 300)
+                   std::uint64_t seed, Policy policy = Policy{}, std::int32_t key_bound = 300,
+                   std::int32_t max_shared_key_slots = -1)
 {
   index_t const layers = 2, batch = 2, heads = 3, rows = batch * heads;
   pqkv::gpu::slot_table_shape const shape{.layers = layers, .batch = batch, .kv_heads = heads, .capacity = capacity,
-                                          .key_bound = key_bound, .max_keys = n, .reserved = reserved};
+                                          .key_bound = key_bound, .max_keys = n, .reserved = reserved,
+                                          .max_shared_key_slots = max_shared_key_slots};
   pqkv::gpu::slot_table<Policy> gpu{shape, policy};
   std::uint32_t const managed = gpu.managed_slots();
   std::vector<pqkv::cpu::slot_table<Policy>> cpu;
@@ -254,8 +256,16 @@ TEST_CASE("gpu::slot_table: FIFO makes the CPU model's decisions")
 TEST_CASE("gpu::slot_table: eviction keys past shared memory (global scratch) match too")
 {
   PQKV_REQUIRE_GPU();
-  compare_table<pqkv::cache::lru>(trace::local, 6000, pqkv::cpu::reserve::none, 2500, 4, false, 10, {}, 24000);
-  compare_table<pqkv::cache::lfu>(trace::local, 5200, pqkv::cpu::reserve::newest, 2000, 4, true, 11, {}, 24000);
+  compare_table<pqkv::cache::lru>(trace::local, 6000, pqkv::cpu::reserve::none, 2500, 4, false, 10, {}, 24000, 0);
+  compare_table<pqkv::cache::lfu>(trace::local, 5200, pqkv::cpu::reserve::newest, 2000, 4, true, 11, {}, 24000, 4096);
+}
+
+TEST_CASE("gpu::slot_table: more victims in one step than a sort tile (rank-sort path) match too")
+{
+  PQKV_REQUIRE_GPU();
+  // 2600 fresh keys a step into 3000 slots: from the second step on, 2200 victims.
+  compare_table<pqkv::cache::lru>(trace::fresh, 3000, pqkv::cpu::reserve::none, 2600, 3, false, 12, {}, 100000);
+  compare_table<pqkv::cache::lfu>(trace::fresh, 3000, pqkv::cpu::reserve::newest, 2600, 3, false, 13, {}, 100000, 0);
 }
 
 TEST_CASE("gpu::slot_table: a user policy runs the serial victim path and matches")
