@@ -9,6 +9,11 @@
 //                         20 update passes. Counter mse: the report's final
 //                         objective (the torch anchor prints its own on the
 //                         same generator).
+//   BM_gpu_kmeans_pp_init k-means++ init alone (max_iter = 0): the timed call
+//                         packs, draws ksub centroids by D^2 sampling (ksub - 1
+//                         passes over the training rows) and runs the initial
+//                         assignment. Args: tokens, m, nbits, max_train_points
+//                         (0: all tokens). Counter mse: the init's objective.
 //   BM_gpu_encode         one prefill encode of the layer.
 //   BM_gpu_encode_append  one decode step (1 token per head) from a captured
 //                         graph with the position read on the device.
@@ -99,6 +104,34 @@ void BM_gpu_kmeans_train(benchmark::State& state)
   state.SetBytesProcessed(state.iterations() * heads * tokens * dim * static_cast<index_t>(sizeof(float)));
 }
 
+void BM_gpu_kmeans_pp_init(benchmark::State& state)
+{
+  index_t const tokens = state.range(0), m = state.range(1), train_points = state.range(3);
+  int const nbits = static_cast<int>(state.range(2));
+  pqkv::pq_config const cfg{.dim = dim, .m = m, .nbits = nbits, .max_iter = 0, .tol = 0,
+                            .init = pqkv::init_method::kmeans_plus_plus, .max_train_points = train_points};
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
+  pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * tokens * dim)), cent(nc);
+  pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
+  fill_keys<<<1024, 256>>>(keys.data(), tokens);
+  PQKV_CUDA_CHECK_LAST();
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  timer tm;
+  auto const kv = pqkv::make_view(static_cast<float const*>(keys.data()), heads, tokens, dim);
+  auto const cv = pqkv::make_view(cent.data(), heads, m, cfg.ksub(), cfg.dsub());
+  auto call = [&] { tr.train(kv, cv, ws.span(), tm.stream); };
+  std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
+  auto const rep = tr.report(ws.span(), tm.stream);
+  index_t const n = train_points > 0 && train_points < tokens ? train_points : tokens;
+  state.counters["median_ms"] = pqkv::test::median(times);
+  state.counters["mse"] = rep.mse;
+  state.counters["train_rows"] = static_cast<double>(n);
+  state.SetItemsProcessed(state.iterations() * heads * n);
+  // each of the ksub - 1 picks reads every training row once
+  state.SetBytesProcessed(state.iterations() * (cfg.ksub() - 1) * heads * n * dim * static_cast<index_t>(sizeof(float)));
+}
+
 void BM_gpu_encode(benchmark::State& state)
 {
   index_t const tokens = state.range(0), m = state.range(1);
@@ -165,6 +198,18 @@ void train_args(benchmark::internal::Benchmark* b)
 }  // namespace
 
 BENCHMARK(BM_gpu_kmeans_train)->Apply(train_args)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_gpu_kmeans_pp_init)
+  ->Args({32768, 2, 8, 0})
+  ->Args({32768, 16, 8, 0})
+  ->Args({131072, 2, 6, 0})
+  ->Args({131072, 2, 8, 0})
+  ->Args({131072, 8, 8, 0})
+  ->Args({131072, 16, 8, 0})
+  ->Args({131072, 16, 8, 16384})
+  ->Args({1048576, 8, 8, 0})
+  ->UseManualTime()
+  ->Iterations(3)
+  ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_gpu_encode)->Apply(train_args)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_gpu_encode_append)
   ->Args({131072, 2, 6})

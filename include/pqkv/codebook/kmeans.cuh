@@ -8,10 +8,19 @@
 /// Contract: that of `pqkv::cpu::kmeans_trainer` (codebook/kmeans.hpp), with
 /// these differences, all of rounding:
 /// - The same training rows (the subsample draw), the same init rows for
-///   `random_sample` and for n < ksub (the centroids are then bit-identical
-///   to the CPU's), `provided` init, the same distance (the gemm-form float
-///   chain, clamped at 0), so for the same centroids the assignment is the
-///   CPU's bit for bit, with the lowest index winning ties.
+///   `random_sample`, `kmeans_plus_plus` and n < ksub (the centroids are then
+///   bit-identical to the CPU's), `provided` init, the same distance (the
+///   gemm-form float chain, clamped at 0), so for the same centroids the
+///   assignment is the CPU's bit for bit, with the lowest index winning ties.
+/// - `kmeans_plus_plus` reproduces the reference's D^2 sampling exactly: the
+///   same RNG stream and counters, D^2 by the same exact-form fma chain, the
+///   same fixed-tree double sums of groups of 16 rows, their running sum in
+///   group order (the one sequential step, done by one thread per problem),
+///   the same walk and fallbacks. The picks equal the CPU's for every seed
+///   and input. It costs ksub - 1 launches, each a pass over all training
+///   rows (memory-bound: about ksub x n x dim x 4 bytes read per head) plus
+///   n / 16 dependent double additions per problem; for long prefills train
+///   on a subsample (`max_train_points`) or use `random_sample`.
 /// - Cluster sums are fixed-point integers: each key channel of a head is
 ///   scaled by a power of two that puts its largest |x| below 2^17 and
 ///   rounded to an integer (so a sum's error is at most n * 2^-18 of that
@@ -29,9 +38,6 @@
 /// - Tolerance: the same per-problem test, evaluated on the device; a
 ///   problem that stops keeps its centroids, and its later kernels exit at
 ///   once. The host always enqueues max_iter iterations (no host round trip).
-/// - `kmeans_plus_plus` init is not implemented on the GPU (the constructor
-///   throws): train with `random_sample` (PQCache's and faiss's choice) or
-///   pass CPU-made centroids with `provided`.
 /// - Keys live in device memory and are not checked for NaN/Inf (the CPU
 ///   trainer checks them): non-finite keys give unspecified centroids.
 ///
@@ -45,7 +51,9 @@
 /// Supported shapes: dsub = dim / m in {4, 8, 16, 32, 64, 128}, nbits 1..8,
 /// dim <= 4096. With `max_train_points`, the draw of the training rows is
 /// the reference's sequential shuffle, done by one GPU thread per head: it
-/// costs a few microseconds per row drawn.
+/// costs a few microseconds per row drawn. `kmeans_plus_plus` takes up to
+/// 65535 x 1024 training rows and adds heads x m x ceil(n / 16) doubles to the
+/// workspace.
 
 #include <pqkv/codebook/codebook.hpp>
 #include <pqkv/codebook/kmeans.hpp>
@@ -94,7 +102,8 @@ inline constexpr std::size_t align = 256;
 /// Byte offsets of the workspace regions for (heads, tokens) and a config.
 struct layout {
   std::size_t hdr = 0, xp = 0, xn = 0, dist = 0, assign = 0, sums = 0, counts = 0, amax = 0, part_obj = 0,
-              hist = 0, iters = 0, active = 0, rows = 0, perm = 0, flags = 0, total = 0;
+              hist = 0, iters = 0, active = 0, rows = 0, perm = 0, flags = 0, kpp_sum = 0, kpp_pick = 0,
+              kpp_ticket = 0, total = 0;
 
   static layout make(pq_config const& cfg, index_t heads, index_t tokens)
   {
@@ -126,6 +135,12 @@ struct layout {
     take(l.rows, sub ? h * n * sizeof(std::int32_t) : 0);
     take(l.perm, sub ? h * t * sizeof(std::int32_t) : 0);
     take(l.flags, sub ? h * t * sizeof(std::int32_t) : 0);
+    // k-means++: per problem the D^2 sums of groups of 16 rows, the last pick, a ticket counter
+    bool const kpp = cfg.init == init_method::kmeans_plus_plus;
+    std::size_t const groups = (n + pqkv::detail::kmeans_gpu::kpp_group - 1) / pqkv::detail::kmeans_gpu::kpp_group;
+    take(l.kpp_sum, kpp ? P * groups * sizeof(double) : 0);
+    take(l.kpp_pick, kpp ? P * sizeof(std::int32_t) : 0);
+    take(l.kpp_ticket, kpp ? P * sizeof(std::uint32_t) : 0);
     l.total = at;
     return l;
   }
@@ -144,7 +159,7 @@ struct layout {
 class kmeans_trainer {
  public:
   /// Validates the config and limits (dsub supported, max_train_points 0 or
-  /// >= ksub, init not kmeans_plus_plus) and raises the kernels' shared-memory
+  /// >= ksub) and raises the kernels' shared-memory
   /// limits on the current device; throws `pqkv::error`.
   kmeans_trainer(pq_config const& cfg, kmeans_limits const& limits) : cfg_{cfg}, limits_{limits}
   {
@@ -156,8 +171,6 @@ class kmeans_trainer {
     PQKV_EXPECTS(pqkv::detail::nearest_gpu::dsub_supported(cfg_.dsub()), where, "dim / m=", cfg_.dsub(),
                  " is not one of 4, 8, 16, 32, 64, 128");
     PQKV_EXPECTS(cfg_.dim <= 4096, where, "config.dim=", cfg_.dim, " exceeds 4096");
-    PQKV_EXPECTS(cfg_.init != init_method::kmeans_plus_plus, where,
-                 "init=kmeans_plus_plus is not implemented on the GPU; use random_sample or provided");
     int device = 0, sms = 0, optin = 0;
     PQKV_CUDA_TRY(cudaGetDevice(&device));
     PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -312,6 +325,10 @@ class kmeans_trainer {
     a.perm = subsampled ? reinterpret_cast<std::int32_t*>(ws + l.perm) : nullptr;
     a.flags = subsampled ? reinterpret_cast<std::int32_t*>(ws + l.flags) : nullptr;
     a.c = centroids.data_handle();
+    bool const kpp = cfg_.init == init_method::kmeans_plus_plus && !small;
+    a.kpp_sum = kpp ? reinterpret_cast<double*>(ws + l.kpp_sum) : nullptr;
+    a.kpp_pick = kpp ? reinterpret_cast<std::int32_t*>(ws + l.kpp_pick) : nullptr;
+    a.kpp_ticket = kpp ? reinterpret_cast<std::uint32_t*>(ws + l.kpp_ticket) : nullptr;
     a.heads = heads;
     a.tokens = tokens;
     a.n = n;
@@ -331,6 +348,8 @@ class kmeans_trainer {
     a.rows_per_block = tiles_per_block * ng::bm;
     a.bpp = static_cast<int>((tiles + tiles_per_block - 1) / tiles_per_block);
     PQKV_EXPECTS(a.bpp <= 65535, where, "tokens=", tokens, " need ", a.bpp, " blocks per problem (> 65535)");
+    PQKV_EXPECTS(!kpp || (n + kern::kpp_rows - 1) / kern::kpp_rows <= 65535, where, "init=kmeans_plus_plus on n=", n,
+                 " training rows needs more than 65535 blocks per problem; set config.max_train_points");
 
     auto const grid1 = static_cast<unsigned>(std::min<index_t>(
       std::max<index_t>(problems * cfg_.ksub() * cfg_.dsub() / 256, 1), index_t{4} * sms_));
@@ -347,6 +366,9 @@ class kmeans_trainer {
     if (small || random_sample) {
       kern::init_kernel<><<<static_cast<unsigned>(problems), 32, 0, stream>>>(a, random_sample ? 1 : 0, small ? 1 : 0);
       PQKV_CUDA_CHECK_LAST();
+    }
+    if (kpp) {
+      for (int k = 1; k < a.ksub; ++k) { kern::launch_kpp(a, k, stream); }
     }
     kern::launch_assign(a, stream);
     for (int it = 1; it <= a.max_iter; ++it) {

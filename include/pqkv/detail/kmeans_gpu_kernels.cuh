@@ -11,7 +11,9 @@
 ///   pack       training rows -> float [P][n][dsub] and norms [P][n]; per key
 ///              channel the largest |x| (fixed-point scale of the sums)
 ///   init       random_sample: the reference's distinct draws (one warp per
-///              problem); n < ksub: row k mod n; provided: nothing to do
+///              problem); n < ksub: row k mod n; provided: nothing to do;
+///              kmeans_plus_plus: ksub - 1 launches of kpp_kernel, one per
+///              pick over all problems (see "k-means++" below)
 ///   assign(0), then per iteration it = 1..max_iter: step(it), assign(it);
 ///   then step(max_iter + 1), which only records the last objective.
 /// assign: the fused gemm-form argmin (distances never written), the clamped
@@ -83,6 +85,9 @@ struct args {
   std::int32_t* perm;         // [heads][tokens] (subsample)
   std::int32_t* flags;        // [heads][tokens] (subsample)
   float* c;                   // [P][ksub][dsub] centroids (the caller's output)
+  double* kpp_sum;            // [P][ceil(n / 16)] k-means++: D^2 block sums, then their running sums
+  std::int32_t* kpp_pick;     // [P] k-means++: the row picked last
+  std::uint32_t* kpp_ticket;  // [P] k-means++: blocks of the current pick that are done
   index_t heads, tokens, n;
   int m, dsub, ksub, dim;
   int bpp;                    // assign blocks per problem
@@ -107,6 +112,9 @@ __global__ void prologue_kernel(args a, int small)
   for (index_t i = i0; i < problems; i += stride) {
     a.active[i] = 1;
     a.iters[i] = 0;
+  }
+  if (a.kpp_ticket != nullptr) {
+    for (index_t i = i0; i < problems; i += stride) { a.kpp_ticket[i] = 0; }
   }
   if (i0 == 0) { *a.hdr = header{a.heads, a.n, a.tokens, a.max_iter, small}; }
 }
@@ -243,6 +251,209 @@ __global__ void __launch_bounds__(32) init_kernel(args a, int random_sample, int
   for (int e = lane; e < a.ksub * a.dsub; e += 32) {
     c[e] = x[static_cast<index_t>(picks[e / a.dsub]) * a.dsub + e % a.dsub];
   }
+}
+
+// ---- k-means++ --------------------------------------------------------------------------------
+//
+// The reference's D^2 sampling (detail/kmeans_cpu.hpp, init_kmeans_plus_plus),
+// reproduced bit for bit: one launch per pick k = 1..ksub-1 over every problem,
+// grid (P, row blocks of kpp_rows). Each block lowers D^2 of its rows with
+// centroid k-1 (the reference's exact-form chain: diff = x_j - c_j,
+// acc = fma(diff, diff, acc), j ascending), keeps D^2 in `dist`, and writes the
+// double `block_tree_sum` of each group of 16 rows. The last block of a
+// problem to finish (a ticket counter) then does what cannot be parallel
+// without changing the rounding: the running double sum of the group sums in
+// group order (one thread, sums staged through shared memory), u =
+// random_unit(k) * total, the first group whose running sum passes u (all
+// threads: the running sums are monotone, so exactly one group qualifies),
+// the row walk inside it (one thread) and the fallbacks; it writes centroid k
+// (and centroid 0 at k = 1). Why one launch per pick rather than one
+// persistent block per problem: a pick streams all n x dsub floats of the
+// problem, and with m = 1..4 there are fewer problems than SMs, so a block per
+// problem would use a fraction of the memory bandwidth; spread over the whole
+// grid a pick runs at full bandwidth, and the sequential part (n / 16 double
+// additions) overlaps with other problems' blocks.
+
+inline constexpr int kpp_threads = 256;
+inline constexpr int kpp_rows = 1024;   ///< rows per block (4 per thread): 64 groups of 16
+inline constexpr int kpp_group = 16;    ///< rows per D^2 group sum: the reference's `lanes`
+inline constexpr int kpp_stage = 2048;  ///< group sums per shared-memory stage of the running sum
+
+/// The reference's fixed-tree double sum of 16 D^2 values (block_tree_sum).
+__device__ __forceinline__ double kpp_tree16(float const* d)
+{
+  double q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = __dadd_rn(__dadd_rn(static_cast<double>(d[i]), static_cast<double>(d[4 + i])),
+                     __dadd_rn(static_cast<double>(d[8 + i]), static_cast<double>(d[12 + i])));
+  }
+  return __dadd_rn(__dadd_rn(q[0], q[1]), __dadd_rn(q[2], q[3]));
+}
+
+/// Pick k (1..ksub-1) of k-means++ for every problem; see above.
+template <int Dsub>
+__global__ void __launch_bounds__(kpp_threads) kpp_kernel(args a, int k)
+{
+  __shared__ float sd[kpp_rows];
+  __shared__ double sstage[kpp_stage];
+  __shared__ __align__(16) float sc[Dsub];
+  __shared__ index_t sred[kpp_threads];
+  __shared__ int last;
+  __shared__ double stotal;
+  __shared__ index_t sfound, spick;
+  int const tid = threadIdx.x;
+  index_t const p = blockIdx.x, h = p / a.m, s = p % a.m, n = a.n;
+  std::uint64_t const stream = stream_of(3, h, s);
+  float const* const x = a.xp + p * n * Dsub;
+  float* const d = a.dist + p * n;
+  index_t const nb = (n + kpp_group - 1) / kpp_group;
+  double* const bs = a.kpp_sum + p * nb;
+  index_t const prev = k == 1 ? static_cast<index_t>(random_below(a.seed, stream, 0, static_cast<std::uint64_t>(n)))
+                              : static_cast<index_t>(a.kpp_pick[p]);
+  for (int j = tid; j < Dsub; j += kpp_threads) { sc[j] = x[prev * Dsub + j]; }
+  __syncthreads();
+
+  // ---- D^2 of this block's rows and their group sums ----
+  index_t const r0 = static_cast<index_t>(blockIdx.y) * kpp_rows;
+#pragma unroll
+  for (int q = 0; q < kpp_rows / kpp_threads; ++q) {
+    int const r = q * kpp_threads + tid;
+    index_t const i = r0 + r;
+    float v = 0.f;  // rows past n count 0, as the reference's padding
+    if (i < n) {
+      float4 const* xi = reinterpret_cast<float4 const*>(x + i * Dsub);
+      float acc = 0.f;
+#pragma unroll
+      for (int j4 = 0; j4 < Dsub / 4; ++j4) {
+        float4 const xv = xi[j4];
+        float const e0 = __fsub_rn(xv.x, sc[4 * j4]), e1 = __fsub_rn(xv.y, sc[4 * j4 + 1]);
+        float const e2 = __fsub_rn(xv.z, sc[4 * j4 + 2]), e3 = __fsub_rn(xv.w, sc[4 * j4 + 3]);
+        acc = fmaf(e0, e0, acc);
+        acc = fmaf(e1, e1, acc);
+        acc = fmaf(e2, e2, acc);
+        acc = fmaf(e3, e3, acc);
+      }
+      v = k == 1 ? acc : (acc < d[i] ? acc : d[i]);
+      d[i] = v;
+    }
+    sd[r] = v;
+  }
+  __syncthreads();
+  if (tid < kpp_rows / kpp_group) {
+    index_t const g = r0 / kpp_group + tid;
+    if (g < nb) { bs[g] = kpp_tree16(sd + tid * kpp_group); }
+  }
+
+  // ---- the last block of the problem picks ----
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) { last = atomicAdd(a.kpp_ticket + p, 1u) == gridDim.y - 1 ? 1 : 0; }
+  __syncthreads();
+  if (last == 0) { return; }
+  __threadfence();
+  if (tid == 0) { a.kpp_ticket[p] = 0; }  // ready for the next pick's launch
+
+  // Running sums in group order, in place: bs[g] = sum of group sums 0..g.
+  double run = 0;
+  for (index_t g0 = 0; g0 < nb; g0 += kpp_stage) {
+    int const cnt = static_cast<int>(nb - g0 < kpp_stage ? nb - g0 : kpp_stage);
+    for (int e = tid; e < cnt; e += kpp_threads) { sstage[e] = __ldcg(bs + g0 + e); }
+    __syncthreads();
+    if (tid == 0) {
+      int e = 0;
+      for (; e + 8 <= cnt; e += 8) {  // loads ahead of the dependent chain
+        double v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) { v[u] = sstage[e + u]; }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          run = __dadd_rn(run, v[u]);
+          sstage[e + u] = run;
+        }
+      }
+      for (; e < cnt; ++e) {
+        run = __dadd_rn(run, sstage[e]);
+        sstage[e] = run;
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < cnt; e += kpp_threads) { __stcg(bs + g0 + e, sstage[e]); }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    stotal = run;
+    sfound = nb;
+    spick = -1;
+  }
+  __syncthreads();
+  double const total = stotal;
+  index_t pick = -1;
+  if (total > 0) {
+    double const u = __dmul_rn(random_unit(a.seed, stream, static_cast<std::uint64_t>(k)), total);
+    for (index_t g = tid; g < nb; g += kpp_threads) {
+      double const before = g > 0 ? __ldcg(bs + g - 1) : 0.0;
+      if (__ldcg(bs + g) > u && !(before > u)) { sfound = g; }  // one g at most: the sums are monotone
+    }
+    __syncthreads();
+    if (tid == 0) {
+      // The reference's walk from the first group whose running sum passes u.
+      for (index_t g = sfound; g < nb && spick < 0; ++g) {
+        double const running = g > 0 ? __ldcg(bs + g - 1) : 0.0;
+        if (__ldcg(bs + g) > u) {
+          double within = running;
+          index_t const i1 = (g + 1) * kpp_group < n ? (g + 1) * kpp_group : n;
+          for (index_t i = g * kpp_group; i < i1; ++i) {
+            within = __dadd_rn(within, static_cast<double>(__ldcg(d + i)));
+            if (within > u) {
+              spick = i;
+              break;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+    pick = spick;
+    if (pick < 0) {  // rounding found no row: the last row of positive D^2 (row 0 if none)
+      index_t best = 0;
+      for (index_t i = n - 1 - tid; i >= 1; i -= kpp_threads) {
+        if (__ldcg(d + i) > 0.f) {
+          best = i;
+          break;
+        }
+      }
+      sred[tid] = best;
+      __syncthreads();
+      for (int w = kpp_threads / 2; w > 0; w /= 2) {
+        if (tid < w && sred[tid + w] > sred[tid]) { sred[tid] = sred[tid + w]; }
+        __syncthreads();
+      }
+      pick = sred[0];
+    }
+  } else {
+    pick = static_cast<index_t>(random_below(a.seed, stream, static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(n)));
+  }
+  if (tid == 0) { a.kpp_pick[p] = static_cast<std::int32_t>(pick); }
+  float* const c = a.c + p * a.ksub * Dsub;
+  for (int j = tid; j < Dsub; j += kpp_threads) {
+    c[static_cast<index_t>(k) * Dsub + j] = x[pick * Dsub + j];
+    if (k == 1) { c[j] = sc[j]; }
+  }
+}
+
+inline void launch_kpp(args const& a, int k, cudaStream_t stream)
+{
+  dim3 const grid(static_cast<unsigned>(a.heads * a.m), static_cast<unsigned>((a.n + kpp_rows - 1) / kpp_rows));
+  switch (a.dsub) {
+    case 4: kpp_kernel<4><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+    case 8: kpp_kernel<8><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+    case 16: kpp_kernel<16><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+    case 32: kpp_kernel<32><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+    case 64: kpp_kernel<64><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+    default: kpp_kernel<128><<<grid, kpp_threads, 0, stream>>>(a, k); break;
+  }
+  PQKV_CUDA_CHECK_LAST();
 }
 
 // ---- assign -----------------------------------------------------------------------------------
