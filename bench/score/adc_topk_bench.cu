@@ -10,9 +10,13 @@
 // code bytes read, median_us = median of the iterations, graph_median_us =
 // median of replays of the call captured in a CUDA graph.
 // The torch anchors (bench/anchors/torch_adc_topk.py) time the same shapes.
+// BM_gpu_adc_topk_paged: the same call with the codes in a page pool behind
+// a shuffled block table (arg page; page 0 = the contiguous layout through
+// the same harness), so contiguous vs paged compare in one run.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/random.hpp>
 #include <pqkv/score/adc_topk.cuh>
+#include <pqkv/score/paged_codes.hpp>
 
 #include "common/gpu_timing.cuh"
 
@@ -20,6 +24,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <numeric>
 #include <cstdint>
 #include <vector>
 
@@ -136,6 +141,102 @@ void sum_grid(benchmark::internal::Benchmark* b)
   }
 }
 
+/// Contiguous (page 0) or paged codes, same inputs: pages of the pool are a
+/// random permutation of the sequences' logical pages.
+template <class Aggregation>
+void BM_gpu_adc_topk_paged(benchmark::State& state)
+{
+  index_t const batch = state.range(0), n = state.range(1), m = state.range(2);
+  int const nbits = static_cast<int>(state.range(3));
+  index_t const k = state.range(4) > 0 ? state.range(4) : n / 5;
+  index_t const page = state.range(5);
+  pqkv::adc_shape const shape{q_heads, kv_heads, dim, m, nbits};
+  pqkv::gpu::adc_topk<Aggregation> const op{shape, {.k = k, .sink = sink, .window = window},
+                                            {.max_batch = batch, .max_tokens = n}};
+  auto const code_bytes = static_cast<std::size_t>(batch * kv_heads * n * m);
+  std::size_t const copies = std::clamp<std::size_t>((std::size_t{160} << 20) / code_bytes + 1, 1, 8);
+  std::size_t const q_count = static_cast<std::size_t>(batch * q_heads * dim);
+  std::size_t const c_count = static_cast<std::size_t>(kv_heads * m * shape.ksub() * shape.dsub());
+  pqkv::device_buffer<std::uint8_t> codes(code_bytes * copies);
+  pqkv::device_buffer<float> q(q_count * copies), centroids(c_count);
+  pqkv::device_buffer<std::int32_t> lens(static_cast<std::size_t>(batch)), out(static_cast<std::size_t>(batch * kv_heads * k)),
+    valid(static_cast<std::size_t>(batch * kv_heads));
+  pqkv::device_buffer<std::byte> workspace(std::max<std::size_t>(op.workspace_bytes(), 1));
+  fill_codes<<<1024, 256>>>(codes.data(), codes.size(), 1, static_cast<std::uint64_t>(shape.ksub()));
+  PQKV_CUDA_CHECK_LAST();
+  fill_uniform<<<256, 256>>>(q.data(), q.size(), 2);
+  PQKV_CUDA_CHECK_LAST();
+  fill_uniform<<<256, 256>>>(centroids.data(), centroids.size(), 3);
+  PQKV_CUDA_CHECK_LAST();
+  std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
+  PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
+  // The block table: a shuffled permutation of one copy's pages (random
+  // codes, so the pool needs no reordering).
+  index_t const width = page > 0 ? (n + page - 1) / page : 0;
+  std::vector<std::int32_t> table(static_cast<std::size_t>(batch * width));
+  std::iota(table.begin(), table.end(), 0);
+  for (std::size_t i = table.size(); i > 1; --i) {
+    std::swap(table[i - 1], table[static_cast<std::size_t>(pqkv::detail::random_below(9, 0, i, i))]);
+  }
+  pqkv::device_buffer<std::int32_t> table_d(std::max<std::size_t>(table.size(), 1));
+  if (!table.empty()) {
+    PQKV_CUDA_TRY(cudaMemcpy(table_d.data(), table.data(), table.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+  }
+
+  pqkv::bench::owned_stream const owned;
+  cudaStream_t const stream = owned.get();
+  pqkv::test::event_timer const timer{stream};
+  std::size_t iter = 0;
+  auto call = [&] {
+    std::size_t const c = iter++ % copies;
+    auto const qv = pqkv::make_view(static_cast<float const*>(q.data()) + c * q_count, batch, q_heads, dim);
+    auto const cv = pqkv::make_view(static_cast<float const*>(centroids.data()), kv_heads, m, shape.ksub(), shape.dsub());
+    std::span<std::int32_t const> const lv(lens.data(), static_cast<std::size_t>(batch));
+    auto const ov = pqkv::make_view(out.data(), batch, kv_heads, k);
+    auto const vv = pqkv::make_view(valid.data(), batch, kv_heads);
+    std::uint8_t const* base = codes.data() + c * code_bytes;
+    if (page > 0) {
+      pqkv::paged_codes const paged{pqkv::make_view(base, batch * width, kv_heads, page, m),
+                                    pqkv::make_view(static_cast<std::int32_t const*>(table_d.data()), batch, width)};
+      op(qv, paged, cv, lv, ov, vv, workspace.span(), stream);
+    } else {
+      op(qv, pqkv::make_view(base, batch, kv_heads, n, m), cv, lv, ov, vv, workspace.span(), stream);
+    }
+  };
+  std::vector<double> us = pqkv::bench::timed_loop(state, timer, call, 5);
+  for (double& t : us) { t *= 1e3; }
+  state.counters["median_us"] = pqkv::test::median(us);
+  std::vector<pqkv::test::captured_graph> graphs;
+  for (std::size_t c = 0; c < copies; ++c) {
+    iter = c;
+    graphs.emplace_back(stream, call);
+  }
+  for (auto const& g : graphs) { g.launch(stream); }
+  std::vector<double> graph_us;
+  for (std::size_t i = 0; i < std::max<std::size_t>(us.size(), 20); ++i) {
+    graph_us.push_back(timer.ms([&] { graphs[i % copies].launch(stream); }) * 1e3);
+  }
+  state.counters["graph_median_us"] = pqkv::test::median(graph_us);
+  state.counters["k"] = static_cast<double>(k);
+  state.counters["page"] = static_cast<double>(page);
+  state.SetItemsProcessed(state.iterations() * batch * n);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(code_bytes));
+}
+
+void paged_grid(benchmark::internal::Benchmark* b)
+{
+  b->ArgNames({"batch", "n", "m", "nbits", "k", "page"});
+  for (std::int64_t batch : {1, 8}) {
+    for (std::int64_t m : {8, 16}) {
+      for (std::int64_t page : {0, 64, 16}) { b->Args({batch, 131072, m, 8, 2048, page}); }
+    }
+  }
+}
+
+BENCHMARK(BM_gpu_adc_topk_paged<pqkv::gqa::softmax_sum>)
+  ->Apply(paged_grid)
+  ->UseManualTime()
+  ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_gpu_adc_topk<pqkv::gqa::softmax_sum>)
   ->Apply(main_grid)
   ->UseManualTime()

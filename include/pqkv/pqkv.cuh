@@ -7,9 +7,18 @@
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/device_buffer.cuh>
 
+#include <pqkv/attend/merge_state.cuh>
 #include <pqkv/cache/gpu_cache.cuh>
 #include <pqkv/codebook/kmeans.cuh>
 #include <pqkv/encode/encode.cuh>
 #include <pqkv/offload/gather.cuh>
 #include <pqkv/offload/kv_store.cuh>
+#include <pqkv/schedule/device_guard.cuh>
+#include <pqkv/schedule/event.cuh>
+#include <pqkv/schedule/host_task.cuh>
+#include <pqkv/schedule/layer_pipeline.cuh>
+#include <pqkv/schedule/stream_set.cuh>
 #include <pqkv/score/adc_topk.cuh>
+#include <pqkv/score/page_list.cuh>
+#include <pqkv/sparse/quantize.cuh>
+#include <pqkv/sparse/sale_mask.cuh>

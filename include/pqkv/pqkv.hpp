@@ -20,6 +20,8 @@
 #include <pqkv/encode/residual.hpp>
 
 #include <pqkv/score/adc_topk.hpp>
+#include <pqkv/score/page_list.hpp>
+#include <pqkv/score/paged_codes.hpp>
 #include <pqkv/score/exact.hpp>
 #include <pqkv/score/gqa.hpp>
 #include <pqkv/score/lut.hpp>
@@ -38,3 +40,5 @@
 #include <pqkv/cache/block_lfu.hpp>
 #include <pqkv/cache/policy.hpp>
 #include <pqkv/cache/slot_table.hpp>
+
+#include <pqkv/schedule/host_pool.hpp>

@@ -27,8 +27,15 @@
 /// them (their launch overlaps its tail; they wait for its results with
 /// griddepcontrol.wait). Every reduction has a fixed order, so results do not
 /// depend on scheduling. Sequence lengths are read on the device.
+///
+/// The score kernel reads codes through an addressing type (`contiguous_rows`
+/// or `paged_rows`, a template parameter), so the contiguous path compiles
+/// to the same loads as before paging existed and the paged one pays only a
+/// block-table read per token. The query element type is a template
+/// parameter of the LUT kernel only (queries are converted to float there).
 
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/dtype.hpp>
 #include <pqkv/core/views.hpp>
 #include <pqkv/score/adc_topk.hpp>
 #include <pqkv/score/lut.hpp>
@@ -59,12 +66,14 @@ inline constexpr int lut_centroids = 32; ///< centroids per block of the LUT ker
 
 /// Kernel parameters: plain pointers and sizes, validated on the host.
 struct args {
-  float const* q;                // [batch, q_heads, dim]
-  std::uint8_t const* codes;     // [batch, kv_heads, capacity, m]
+  void const* q;                 // [batch, q_heads, dim], the LUT kernel's Query type
+  std::uint8_t const* codes;     // contiguous: [batch, kv_heads, capacity, m]; paged: the page pool
   float const* centroids;        // [kv_heads, m, ksub, dsub]
   std::int32_t const* seq_lens;  // [batch]
   std::int32_t* out;             // [batch, kv_heads, out_k]
   std::int32_t* valid;           // [batch, kv_heads]
+  float* scores;                 // [batch, kv_heads, out_k] or null: the selected tokens' scores
+  std::int32_t const* block_table;  // paged codes: [batch, table_pages]; null: contiguous codes
   float* lut;                    // workspace [rows, m, ksub, r]
   std::uint32_t* keys;           // workspace [rows, capacity]
   std::uint32_t* hist;           // workspace [rows, hist_bins]: gqa::sum / max, the keys' top 11 bits
@@ -72,6 +81,10 @@ struct args {
   float* part_max;               // workspace, softmax policies: [rows, r, max_chunks]
   double* part_sum;              // workspace, softmax policies: [rows, r, max_chunks]
   index_t capacity;
+  index_t table_pages;             ///< paged: block-table entries per sequence
+  index_t page_stride, head_stride, token_stride;  ///< paged: pool strides in bytes
+  std::uint32_t last_page;         ///< paged: pool pages - 1 (larger entries are clamped to it)
+  int page_size, page_shift;       ///< paged: tokens per page; log2 of it, or -1
   index_t sink;
   index_t window;
   int q_heads, kv_heads, r, dim, m, dsub, ksub;
@@ -122,7 +135,7 @@ __device__ __forceinline__ void warp_hist_add(std::uint32_t* hist, std::uint32_t
 /// interleaved [c][h_local] as `build_group_lut`. Centroids are staged
 /// through shared memory (rows padded to an odd stride, so the threads of a
 /// warp reading different centroids hit different banks).
-template <int Unused = 0>
+template <class Query>
 __global__ void __launch_bounds__(lut_threads) lut_kernel(args a)
 {
   constexpr int tile_floats = 8192;
@@ -139,7 +152,10 @@ __global__ void __launch_bounds__(lut_threads) lut_kernel(args a)
   int const r = a.r, ksub = a.ksub, dsub = a.dsub, stride = dsub | 1;
   for (int i = static_cast<int>(threadIdx.x); i < r * dsub; i += lut_threads) {
     int const hl = i / dsub, d = i % dsub;
-    qs[i] = a.q[(static_cast<std::size_t>(b) * a.q_heads + g * r + hl) * a.dim + j * dsub + d];
+    // Exact widening (half and bf16 are subsets of float): the CPU
+    // reference on the converted queries gets the same LUT.
+    qs[i] = to_float(static_cast<Query const*>(
+      a.q)[(static_cast<std::size_t>(b) * a.q_heads + g * r + hl) * a.dim + j * dsub + d]);
   }
   float const* cg = a.centroids + (static_cast<std::size_t>(g) * a.m + j) * ksub * dsub;
   float* out = a.lut + (static_cast<std::size_t>(row) * a.m + j) * ksub * r;
@@ -264,17 +280,60 @@ __device__ __forceinline__ void online_merge(float& mx, double& sum, float mx_b,
   mx = m;
 }
 
+/// Code addressing of a row (one sequence, one KV head) stored contiguously:
+/// token t's m bytes at base + t * m.
+struct contiguous_rows {
+  std::uint8_t const* base;  // [capacity, m]
+
+  template <int M>
+  [[nodiscard]] __device__ __forceinline__ std::uint8_t const* at(index_t t, int m) const
+  {
+    return M > 0 ? base + t * M : base + t * m;
+  }
+};
+
+/// Code addressing of a row in a page pool: token t lives in page
+/// table[t / P] at offset t % P. Page numbers above the pool's last page are
+/// clamped to it (a negative entry too), so a bad table entry reads wrong
+/// codes but never outside the pool. Token indices fit in 32 bits, so the
+/// division is 32-bit (a shift and mask when P is a power of two).
+struct paged_rows {
+  std::uint8_t const* head_base;  // pool + g * head_stride
+  std::int32_t const* table;      // [table_pages] of sequence b
+  index_t page_stride, token_stride;
+  std::uint32_t last_page;
+  std::uint32_t page_size;
+  int page_shift;
+
+  template <int M>
+  [[nodiscard]] __device__ __forceinline__ std::uint8_t const* at(index_t t, int) const
+  {
+    auto const tt = static_cast<std::uint32_t>(t);
+    std::uint32_t lp = 0, off = 0;
+    if (page_shift >= 0) {
+      lp = tt >> page_shift;
+      off = tt & (page_size - 1u);
+    } else {
+      lp = tt / page_size;
+      off = tt - lp * page_size;
+    }
+    std::uint32_t phys = static_cast<std::uint32_t>(__ldg(table + lp));
+    phys = phys < last_page ? phys : last_page;
+    return head_base + static_cast<index_t>(phys) * page_stride + static_cast<index_t>(off) * token_stride;
+  }
+};
+
 /// Scores the tokens [t0, t1) of one chunk of a row. Each thread takes U
 /// tokens per step (t = base + tid + u * score_threads: coalesced for every
 /// u) and issues all their code loads before using any.
-template <int M, int R, class Aggregation>
+template <int M, int R, class Aggregation, class Codes>
 struct chunk_scorer {
   static constexpr int U = tokens_in_flight<M, R>;
 
   args const& a;
   Aggregation const& agg;
   float const* lut;               // shared [m, ksub, r]
-  std::uint8_t const* codes_row;  // [capacity, m]
+  Codes codes;                    // the row's codes: contiguous_rows or paged_rows
   std::size_t row;
   index_t t0, t1;
 
@@ -292,13 +351,17 @@ struct chunk_scorer {
     for (int u = 0; u < U; ++u) {
       index_t const t = token(base, u);
       if constexpr (M > 0) {
-        if (t < t1) { cv[u].load(codes_row + t * M); }
+        if (t < t1) { cv[u].load(codes.template at<M>(t, M)); }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       index_t const t = token(base, u);
-      if (t < t1) { token_logits<M, R>(lut, cv[u], codes_row + t * a.m, a.m, a.ksub, heads(), a.scale, x[u]); }
+      if (t < t1) {
+        std::uint8_t const* code = nullptr;  // M > 0: the codes are in cv
+        if constexpr (M == 0) { code = codes.template at<0>(t, a.m); }
+        token_logits<M, R>(lut, cv[u], code, a.m, a.ksub, heads(), a.scale, x[u]);
+      }
     }
   }
 
@@ -402,7 +465,7 @@ __device__ __forceinline__ void block_reduce_stats(float (&mx)[max_group], doubl
 
 /// grid (chunks, rows), score_threads threads, dynamic shared memory: the
 /// row's LUT. Scores the chunk's candidates (the file's comment).
-template <int R, class Aggregation>
+template <int R, class Aggregation, bool Paged>
 __global__ void __launch_bounds__(score_threads) score_kernel(__grid_constant__ args const a, Aggregation agg)
 {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -429,7 +492,6 @@ __global__ void __launch_bounds__(score_threads) score_kernel(__grid_constant__ 
     for (int i = static_cast<int>(threadIdx.x); i < lut_n; i += score_threads) { lut[i] = lut_g[i]; }
   }
   __syncthreads();
-  std::uint8_t const* codes_row = a.codes + static_cast<std::size_t>(row) * a.capacity * a.m;
   auto run = [&](auto scorer) {
     if constexpr (Aggregation::needs_softmax) {
       float vmax[max_group];
@@ -458,21 +520,43 @@ __global__ void __launch_bounds__(score_threads) score_kernel(__grid_constant__ 
       }
     }
   };
-  switch (a.m) {
-#define PQKV_ADC_SCORE_CASE(MM) \
-  case MM: run(chunk_scorer<MM, R, Aggregation>{a, agg, lut, codes_row, static_cast<std::size_t>(row), t0, t1}); break;
-    PQKV_ADC_SCORE_CASE(1)
-    PQKV_ADC_SCORE_CASE(2)
-    PQKV_ADC_SCORE_CASE(4)
-    PQKV_ADC_SCORE_CASE(8)
-    PQKV_ADC_SCORE_CASE(16)
-    PQKV_ADC_SCORE_CASE(32)
+  auto dispatch = [&](auto codes) {
+    using codes_t = decltype(codes);
+    switch (a.m) {
+#define PQKV_ADC_SCORE_CASE(MM)                                                                               \
+  case MM:                                                                                                    \
+    run(chunk_scorer<MM, R, Aggregation, codes_t>{a, agg, lut, codes, static_cast<std::size_t>(row), t0, t1}); \
+    break;
+      PQKV_ADC_SCORE_CASE(1)
+      PQKV_ADC_SCORE_CASE(2)
+      PQKV_ADC_SCORE_CASE(4)
+      PQKV_ADC_SCORE_CASE(8)
+      PQKV_ADC_SCORE_CASE(16)
+      PQKV_ADC_SCORE_CASE(32)
 #undef PQKV_ADC_SCORE_CASE
-    default: run(chunk_scorer<0, R, Aggregation>{a, agg, lut, codes_row, static_cast<std::size_t>(row), t0, t1}); break;
+      default:
+        run(chunk_scorer<0, R, Aggregation, codes_t>{a, agg, lut, codes, static_cast<std::size_t>(row), t0, t1});
+        break;
+    }
+  };
+  if constexpr (Paged) {
+    int const b = row / a.kv_heads, g = row % a.kv_heads;
+    dispatch(paged_rows{a.codes + static_cast<index_t>(g) * a.head_stride,
+                        a.block_table + static_cast<std::size_t>(b) * a.table_pages, a.page_stride, a.token_stride,
+                        a.last_page, static_cast<std::uint32_t>(a.page_size), a.page_shift});
+  } else {
+    dispatch(contiguous_rows{a.codes + static_cast<std::size_t>(row) * a.capacity * a.m});
   }
 }
 
 // ---- selection over the cluster ----------------------------------------------------------
+
+/// The score a rank key was made from (`score_rank_key` inverted): exact for
+/// every score except -0.0 (read back as +0.0) and NaN (one canonical NaN).
+__device__ __forceinline__ float rank_key_score(std::uint32_t key)
+{
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
 
 using block_scan = cub::BlockScan<std::uint32_t, select_threads>;
 
@@ -611,8 +695,15 @@ __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_consta
   row_info const ri = row_of(a, row / a.kv_heads);
 
   std::int32_t* out_row = a.out + static_cast<std::size_t>(row) * a.out_k;
+  // The scores' row is addressed from the kernel parameters where it is
+  // used, so that no register stays live for it through the selection.
   if (rank == 0) {
     for (int i = ri.k_eff + tid; i < a.out_k; i += select_threads) { out_row[i] = -1; }
+    if (a.scores != nullptr) {
+      for (int i = ri.k_eff + tid; i < a.out_k; i += select_threads) {
+        a.scores[static_cast<std::size_t>(row) * a.out_k + i] = -::cuda::std::numeric_limits<float>::infinity();
+      }
+    }
     if (tid == 0) { a.valid[row] = ri.k_eff; }
   }
   if (ri.k_eff == 0) { return; }  // the same for every block of the cluster: none waits at a barrier
@@ -847,7 +938,14 @@ __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_consta
     std::uint32_t q = pos + sel_rank;
 #pragma unroll
     for (int i = 0; i < emit_items; ++i) {
-      if ((sel_bits >> i) & 1u) { out_row[q++] = static_cast<std::int32_t>(tb + i); }
+      if ((sel_bits >> i) & 1u) {
+        // The score is re-read from the key only when asked for: the
+        // index-only path keeps its registers.
+        if (a.scores != nullptr) {
+          a.scores[static_cast<std::size_t>(row) * a.out_k + q] = rank_key_score(st.key(tb + i));
+        }
+        out_row[q++] = static_cast<std::int32_t>(tb + i);
+      }
     }
     pos += sel_total;
     eq_before += eq_total;
@@ -893,8 +991,10 @@ struct workspace_layout {
 template <class Aggregation>
 void prepare_kernels(int score_smem, int select_smem_bytes)
 {
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<4, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, score_smem));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(score_kernel<0, Aggregation>, cudaFuncAttributeMaxDynamicSharedMemorySize, score_smem));
+  for (auto* kernel : {score_kernel<4, Aggregation, false>, score_kernel<0, Aggregation, false>,
+                       score_kernel<4, Aggregation, true>, score_kernel<0, Aggregation, true>}) {
+    PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, score_smem));
+  }
   for (auto* kernel : {select_kernel<4, Aggregation>, select_kernel<0, Aggregation>}) {
     PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, select_smem_bytes));
     PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -953,22 +1053,43 @@ int active_clusters(int cluster, std::size_t smem)
   return n;
 }
 
+/// Fills p[0, n) with `value` (the scores' padding when no row has a candidate).
+template <int Unused = 0>
+__global__ void fill_kernel(float* p, std::size_t n, float value)
+{
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    p[i] = value;
+  }
+}
+
+inline void fill_async(float* p, std::size_t n, float value, cudaStream_t stream)
+{
+  if (n == 0) { return; }
+  auto const blocks = static_cast<unsigned>(n / 256 + 1 < 1024 ? n / 256 + 1 : 1024);
+  fill_kernel<><<<blocks, 256, 0, stream>>>(p, n, value);
+  PQKV_CUDA_CHECK_LAST();
+}
+
 /// Launches the three kernels on `stream`; `a` is complete, `chunks` the
-/// score grid's extent per row.
-template <class Aggregation>
+/// score grid's extent per row. Query is the queries' element type; paged
+/// codes when a.block_table is set.
+template <class Query, class Aggregation>
 void launch(args const& a, Aggregation const& agg, unsigned rows, int chunks, int cluster, cudaStream_t stream)
 {
   if (rows == 0) { return; }
   auto const lut_z = static_cast<unsigned>((a.ksub + lut_centroids - 1) / lut_centroids);
-  lut_kernel<><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), lut_threads, 0, stream>>>(a);
+  lut_kernel<Query><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), lut_threads, 0, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
   bool const group4 = a.r == 4;
   cudaLaunchAttribute attr[2];
   std::size_t const lut_bytes = static_cast<std::size_t>(a.m) * a.ksub * a.r * sizeof(float);
   auto score_cfg = launch_config(dim3(static_cast<unsigned>(chunks), rows, 1), score_threads, lut_bytes, stream, 0,
                                  true, attr);
-  PQKV_CUDA_TRY(cudaLaunchKernelEx(&score_cfg, group4 ? score_kernel<4, Aggregation> : score_kernel<0, Aggregation>,
-                                   a, agg));
+  auto* const score = a.block_table != nullptr
+                        ? (group4 ? score_kernel<4, Aggregation, true> : score_kernel<0, Aggregation, true>)
+                        : (group4 ? score_kernel<4, Aggregation, false> : score_kernel<0, Aggregation, false>);
+  PQKV_CUDA_TRY(cudaLaunchKernelEx(&score_cfg, score, a, agg));
   auto select_cfg = launch_config(dim3(static_cast<unsigned>(cluster), rows, 1), select_threads,
                                   select_smem::bytes(a.store_tokens), stream, cluster, true, attr);
   PQKV_CUDA_TRY(cudaLaunchKernelEx(&select_cfg, group4 ? select_kernel<4, Aggregation> : select_kernel<0, Aggregation>,

@@ -29,14 +29,23 @@
 /// Determinism: the same inputs give the same outputs on the same device and
 /// cluster size (every reduction has a fixed order).
 ///
-/// Layouts (row-major): queries [batch, q_heads, dim] float; codes
-/// [batch, kv_heads, capacity, m] uint8 (capacity is the codes' token
-/// extent, at most `limits.max_tokens`); centroids [kv_heads, m, ksub, dsub]
-/// float, one codebook per KV head shared by the batch's sequences.
+/// Layouts (row-major): queries [batch, q_heads, dim] float, __half or
+/// __nv_bfloat16 (widened to float exactly: the CPU reference on the widened
+/// queries is the contract); codes [batch, kv_heads, capacity, m] uint8
+/// (capacity is the codes' token extent, at most `limits.max_tokens`), or a
+/// `paged_codes` (score/paged_codes.hpp: a page pool behind a block table,
+/// capacity = max_pages_per_seq * page_size; the same results bit for bit);
+/// centroids [kv_heads, m, ksub, dsub] float, one codebook per KV head shared
+/// by the batch's sequences. Optional output: scores [batch, kv_heads,
+/// out_k], the aggregated score of each selected token in the order of out,
+/// -inf for padding.
 ///
 /// Not checked (they live in device memory): queries and centroids must be
 /// finite, and codes < ksub (a larger code is read modulo ksub, so memory
-/// stays safe but the scores are then not the reference's).
+/// stays safe but the scores are then not the reference's); with paged
+/// codes, the block-table entries of the pages below seq_lens[b] must lie in
+/// [0, num_pages) (others are clamped to the last page: again memory-safe,
+/// not the reference's scores).
 
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/error.hpp>
@@ -44,15 +53,31 @@
 #include <pqkv/detail/adc_topk_kernels.cuh>
 #include <pqkv/score/adc_topk.hpp>
 #include <pqkv/score/gqa.hpp>
+#include <pqkv/score/paged_codes.hpp>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <bit>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <type_traits>
 
 namespace pqkv::gpu {
+
+/// A query element type the scorer reads: float, __half or __nv_bfloat16
+/// (widened to float, exactly, when the LUT is built).
+template <class T>
+concept AdcQueryElement = std::same_as<T, float> || std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>;
+
+/// A row-major [batch, q_heads, dim] view of queries of such a type.
+template <class V>
+concept AdcQueryView = std::same_as<V, view<typename V::element_type, 3>> &&
+                       AdcQueryElement<std::remove_const_t<typename V::element_type>>;
 
 /// The largest batch and sequence capacity one `adc_topk` serves (they size
 /// the workspace), and tuning.
@@ -170,10 +195,13 @@ class adc_topk {
   }
 
   /// Selects up to k tokens per (sequence, KV head); see the file's contract.
+  /// Queries are float, __half or __nv_bfloat16 (any constness).
   /// Throws `pqkv::error` before any launch on a shape mismatch, a batch or
   /// capacity over the limits, k > out.extent(2), a null or misaligned
   /// pointer, or a workspace that is too small.
-  void operator()(view<float const, 3> queries,              // [batch, q_heads, dim], device
+  template <class Queries>
+    requires AdcQueryView<Queries>
+  void operator()(Queries queries,                           // [batch, q_heads, dim], device
                   view<std::uint8_t const, 4> codes,         // [batch, kv_heads, capacity, m], device
                   centroids_view<float const> centroids,     // [kv_heads, m, ksub, dsub], device
                   std::span<std::int32_t const> seq_lens,    // [batch], device
@@ -181,6 +209,136 @@ class adc_topk {
                   view<std::int32_t, 2> valid_counts,        // [batch, kv_heads], device
                   std::span<std::byte> workspace,            // workspace_bytes(), device
                   cudaStream_t stream) const
+  {
+    call(pqkv::as_const(queries), code_source{codes, {}}, centroids, seq_lens, out, valid_counts, {}, workspace, stream);
+  }
+
+  /// As above, and scores[b][g][i] gets the aggregated score of token
+  /// out[b][g][i] (-inf where out is -1). For gqa::sum and gqa::max it is the
+  /// CPU reference's score bit for bit (-0.0 reads back as +0.0); for
+  /// softmax policies it is the GPU's own softmax score (a few ulp from the
+  /// CPU's).
+  template <class Queries>
+    requires AdcQueryView<Queries>
+  void operator()(Queries queries,                           // [batch, q_heads, dim], device
+                  view<std::uint8_t const, 4> codes,         // [batch, kv_heads, capacity, m], device
+                  centroids_view<float const> centroids,     // [kv_heads, m, ksub, dsub], device
+                  std::span<std::int32_t const> seq_lens,    // [batch], device
+                  view<std::int32_t, 3> out,                 // [batch, kv_heads, >= k], device
+                  view<std::int32_t, 2> valid_counts,        // [batch, kv_heads], device
+                  view<float, 3> scores,                     // [batch, kv_heads, out.extent(2)], device
+                  std::span<std::byte> workspace,            // workspace_bytes(), device
+                  cudaStream_t stream) const
+  {
+    PQKV_EXPECTS(scores.data_handle() != nullptr || element_count(scores) == 0, "gpu::adc_topk",
+                 "scores.data_handle() is null");
+    call(pqkv::as_const(queries), code_source{codes, {}}, centroids, seq_lens, out, valid_counts, scores, workspace,
+         stream);
+  }
+
+  /// Selects from codes in an engine's paged layout (`paged_codes`): token t
+  /// of sequence b, head g is pool[block_table[b][t / P]][g][t % P]; the
+  /// capacity is max_pages_per_seq * P. Selections and scores are those of
+  /// the contiguous call on the same codes, bit for bit.
+  template <class Queries>
+    requires AdcQueryView<Queries>
+  void operator()(Queries queries,                           // [batch, q_heads, dim], device
+                  paged_codes const& codes,                  // pool [pages, kv_heads, P, m], table [batch, pages/seq]
+                  centroids_view<float const> centroids,     // [kv_heads, m, ksub, dsub], device
+                  std::span<std::int32_t const> seq_lens,    // [batch], device
+                  view<std::int32_t, 3> out,                 // [batch, kv_heads, >= k], device
+                  view<std::int32_t, 2> valid_counts,        // [batch, kv_heads], device
+                  std::span<std::byte> workspace,            // workspace_bytes(), device
+                  cudaStream_t stream) const
+  {
+    call(pqkv::as_const(queries), code_source{{}, &codes}, centroids, seq_lens, out, valid_counts, {}, workspace, stream);
+  }
+
+  /// Paged codes with the scores output (see the overloads above).
+  template <class Queries>
+    requires AdcQueryView<Queries>
+  void operator()(Queries queries,                           // [batch, q_heads, dim], device
+                  paged_codes const& codes,                  // pool [pages, kv_heads, P, m], table [batch, pages/seq]
+                  centroids_view<float const> centroids,     // [kv_heads, m, ksub, dsub], device
+                  std::span<std::int32_t const> seq_lens,    // [batch], device
+                  view<std::int32_t, 3> out,                 // [batch, kv_heads, >= k], device
+                  view<std::int32_t, 2> valid_counts,        // [batch, kv_heads], device
+                  view<float, 3> scores,                     // [batch, kv_heads, out.extent(2)], device
+                  std::span<std::byte> workspace,            // workspace_bytes(), device
+                  cudaStream_t stream) const
+  {
+    PQKV_EXPECTS(scores.data_handle() != nullptr || element_count(scores) == 0, "gpu::adc_topk",
+                 "scores.data_handle() is null");
+    call(pqkv::as_const(queries), code_source{{}, &codes}, centroids, seq_lens, out, valid_counts, scores, workspace,
+         stream);
+  }
+
+ private:
+  /// Contiguous codes, or (paged != null) paged ones.
+  struct code_source {
+    view<std::uint8_t const, 4> contiguous;
+    paged_codes const* paged = nullptr;
+  };
+
+  /// Validates the codes against the shape and batch; returns their capacity.
+  index_t check_codes(code_source const& src, index_t batch, char const* where) const
+  {
+    // The score kernel reads a token's m code bytes as one vector when m is a
+    // power of two up to 32: every byte offset of a row must keep that alignment.
+    bool const vector_m = shape_.m == 1 || shape_.m == 2 || shape_.m == 4 || shape_.m == 8 || shape_.m == 16 ||
+                          shape_.m == 32;
+    auto const code_align = vector_m ? static_cast<std::uintptr_t>(shape_.m <= 16 ? shape_.m : 16) : 1u;
+    index_t capacity = 0;
+    if (src.paged == nullptr) {
+      auto const& codes = src.contiguous;
+      PQKV_EXPECTS(codes.extent(0) == batch, where, "codes.extent(0)=", codes.extent(0), ", batch=", batch);
+      PQKV_EXPECTS(codes.extent(1) == shape_.kv_heads, where, "codes.extent(1)=", codes.extent(1),
+                   ", shape.kv_heads=", shape_.kv_heads);
+      PQKV_EXPECTS(codes.extent(3) == shape_.m, where, "codes.extent(3)=", codes.extent(3), ", shape.m=", shape_.m);
+      capacity = codes.extent(2);
+      PQKV_EXPECTS(capacity <= limits_.max_tokens, where, "codes.extent(2)=", capacity,
+                   " exceeds limits.max_tokens=", limits_.max_tokens);
+      if (batch > 0) {
+        PQKV_EXPECTS(codes.data_handle() != nullptr || capacity == 0, where, "codes.data_handle() is null");
+        PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(codes.data_handle()) % code_align == 0, where,
+                     "codes.data_handle() is not aligned to ", code_align, " bytes (m=", shape_.m, ")");
+      }
+      return capacity;
+    }
+    auto const& pool = src.paged->pool;
+    auto const& table = src.paged->block_table;
+    PQKV_EXPECTS(pool.extent(1) == shape_.kv_heads, where, "codes.pool.extent(1)=", pool.extent(1),
+                 ", shape.kv_heads=", shape_.kv_heads);
+    PQKV_EXPECTS(pool.extent(3) == shape_.m, where, "codes.pool.extent(3)=", pool.extent(3), ", shape.m=", shape_.m);
+    PQKV_EXPECTS(pool.extent(2) > 0, where, "codes.pool.extent(2) (page_size)=", pool.extent(2),
+                 " must be positive");
+    PQKV_EXPECTS(pool.stride(3) == 1 || shape_.m == 1, where, "codes.pool.stride(3)=", pool.stride(3),
+                 " must be 1 (a token's m codes are contiguous)");
+    PQKV_EXPECTS(table.extent(0) == batch, where, "codes.block_table.extent(0)=", table.extent(0), ", batch=",
+                 batch);
+    capacity = src.paged->capacity();
+    PQKV_EXPECTS(capacity <= limits_.max_tokens, where, "codes.block_table.extent(1)=", table.extent(1),
+                 " * page_size=", pool.extent(2), " = ", capacity, " exceeds limits.max_tokens=", limits_.max_tokens);
+    if (batch == 0 || capacity == 0) { return capacity; }
+    PQKV_EXPECTS(pool.extent(0) > 0, where, "codes.pool.extent(0) (num_pages)=", pool.extent(0),
+                 " must be positive");
+    PQKV_EXPECTS(pool.extent(0) - 1 <= index_t{std::numeric_limits<std::int32_t>::max()}, where,
+                 "codes.pool.extent(0) (num_pages)=", pool.extent(0), " exceeds the int32 page range");
+    PQKV_EXPECTS(pool.data_handle() != nullptr, where, "codes.pool.data_handle() is null");
+    PQKV_EXPECTS(table.data_handle() != nullptr, where, "codes.block_table.data_handle() is null");
+    PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(pool.data_handle()) % code_align == 0, where,
+                 "codes.pool.data_handle() is not aligned to ", code_align, " bytes (m=", shape_.m, ")");
+    for (std::size_t d = 0; d < 3; ++d) {
+      PQKV_EXPECTS(static_cast<std::uintptr_t>(pool.stride(d)) % code_align == 0, where, "codes.pool.stride(", d,
+                   ")=", pool.stride(d), " is not a multiple of ", code_align, " bytes (m=", shape_.m, ")");
+    }
+    return capacity;
+  }
+
+  template <class Query>
+  void call(view<Query const, 3> queries, code_source const& src, centroids_view<float const> centroids,
+            std::span<std::int32_t const> seq_lens, view<std::int32_t, 3> out, view<std::int32_t, 2> valid_counts,
+            view<float, 3> scores, std::span<std::byte> workspace, cudaStream_t stream) const
   {
     constexpr char const* where = "gpu::adc_topk";
     namespace kern = pqkv::detail::adc_gpu;
@@ -191,13 +349,7 @@ class adc_topk {
                  ", shape.q_heads=", shape_.q_heads);
     PQKV_EXPECTS(queries.extent(2) == shape_.dim, where, "queries.extent(2)=", queries.extent(2), ", shape.dim=",
                  shape_.dim);
-    PQKV_EXPECTS(codes.extent(0) == batch, where, "codes.extent(0)=", codes.extent(0), ", batch=", batch);
-    PQKV_EXPECTS(codes.extent(1) == shape_.kv_heads, where, "codes.extent(1)=", codes.extent(1),
-                 ", shape.kv_heads=", shape_.kv_heads);
-    PQKV_EXPECTS(codes.extent(3) == shape_.m, where, "codes.extent(3)=", codes.extent(3), ", shape.m=", shape_.m);
-    index_t const capacity = codes.extent(2);
-    PQKV_EXPECTS(capacity <= limits_.max_tokens, where, "codes.extent(2)=", capacity, " exceeds limits.max_tokens=",
-                 limits_.max_tokens);
+    index_t const capacity = check_codes(src, batch, where);
     check_centroids(centroids, shape_.config(), shape_.kv_heads, where);
     PQKV_EXPECTS(static_cast<index_t>(seq_lens.size()) == batch, where, "seq_lens.size()=", seq_lens.size(),
                  ", batch=", batch);
@@ -210,19 +362,18 @@ class adc_topk {
     PQKV_EXPECTS(valid_counts.extent(0) == batch && valid_counts.extent(1) == shape_.kv_heads, where,
                  "valid_counts extents (", valid_counts.extent(0), ", ", valid_counts.extent(1),
                  ") differ from (batch, kv_heads)=(", batch, ", ", shape_.kv_heads, ")");
+    bool const want_scores = scores.data_handle() != nullptr;
+    if (want_scores) {
+      PQKV_EXPECTS(scores.extent(0) == out.extent(0) && scores.extent(1) == out.extent(1) &&
+                     scores.extent(2) == out.extent(2),
+                   where, "scores extents (", scores.extent(0), ", ", scores.extent(1), ", ", scores.extent(2),
+                   ") differ from out's (", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ")");
+    }
     if (batch == 0) { return; }
     PQKV_EXPECTS(queries.data_handle() != nullptr, where, "queries.data_handle() is null");
-    PQKV_EXPECTS(codes.data_handle() != nullptr || capacity == 0, where, "codes.data_handle() is null");
     PQKV_EXPECTS(seq_lens.data() != nullptr, where, "seq_lens.data() is null");
     PQKV_EXPECTS(out.data_handle() != nullptr || out.extent(2) == 0, where, "out.data_handle() is null");
     PQKV_EXPECTS(valid_counts.data_handle() != nullptr, where, "valid_counts.data_handle() is null");
-    // The score kernel reads a token's m code bytes as one vector when m is a
-    // power of two up to 32.
-    auto const code_align = static_cast<std::uintptr_t>(shape_.m <= 16 ? shape_.m : 16);
-    bool const vector_m = shape_.m == 1 || shape_.m == 2 || shape_.m == 4 || shape_.m == 8 || shape_.m == 16 ||
-                          shape_.m == 32;
-    PQKV_EXPECTS(!vector_m || reinterpret_cast<std::uintptr_t>(codes.data_handle()) % code_align == 0, where,
-                 "codes.data_handle() is not aligned to ", code_align, " bytes (m=", shape_.m, ")");
     PQKV_EXPECTS(workspace.size() >= layout_.total, where, "workspace.size()=", workspace.size(), " < workspace_bytes()=",
                  layout_.total);
     PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
@@ -237,17 +388,37 @@ class adc_topk {
         PQKV_CUDA_TRY(cudaMemsetAsync(out.data_handle(), 0xFF,
                                       static_cast<std::size_t>(element_count(out)) * sizeof(std::int32_t), stream));
       }
+      if (want_scores) {
+        kern::fill_async(scores.data_handle(), static_cast<std::size_t>(element_count(scores)),
+                         -std::numeric_limits<float>::infinity(), stream);
+      }
       return;
     }
 
     std::byte* ws = workspace.data();
     kern::args a{};
     a.q = queries.data_handle();
-    a.codes = codes.data_handle();
     a.centroids = centroids.data_handle();
     a.seq_lens = seq_lens.data();
     a.out = out.data_handle();
     a.valid = valid_counts.data_handle();
+    a.scores = want_scores ? scores.data_handle() : nullptr;
+    if (src.paged == nullptr) {
+      a.codes = src.contiguous.data_handle();
+    } else {
+      auto const& pool = src.paged->pool;
+      a.codes = pool.data_handle();
+      a.block_table = src.paged->block_table.data_handle();
+      a.table_pages = src.paged->max_pages_per_seq();
+      a.page_stride = pool.stride(0);
+      a.head_stride = pool.stride(1);
+      a.token_stride = pool.stride(2);
+      a.last_page = static_cast<std::uint32_t>(pool.extent(0) - 1);
+      a.page_size = static_cast<int>(pool.extent(2));
+      a.page_shift = std::has_single_bit(static_cast<std::uint64_t>(a.page_size))
+                       ? std::countr_zero(static_cast<std::uint64_t>(a.page_size))
+                       : -1;
+    }
     a.lut = reinterpret_cast<float*>(ws + layout_.lut);
     a.keys = reinterpret_cast<std::uint32_t*>(ws + layout_.keys);
     a.hist = reinterpret_cast<std::uint32_t*>(ws + layout_.hist);
@@ -275,10 +446,9 @@ class adc_topk {
     index_t const slice = (capacity + cluster - 1) / cluster;
     a.store_tokens = limits_.shared_store && slice <= max_store_tokens_ ? static_cast<int>(slice) : 0;
     auto const chunks = static_cast<int>((capacity + chunk_tokens_ - 1) / chunk_tokens_);
-    kern::launch(a, agg_, static_cast<unsigned>(batch * shape_.kv_heads), chunks, cluster, stream);
+    kern::launch<Query>(a, agg_, static_cast<unsigned>(batch * shape_.kv_heads), chunks, cluster, stream);
   }
 
- private:
   adc_shape shape_;
   selection_params params_;
   adc_limits limits_;

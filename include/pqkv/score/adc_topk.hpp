@@ -33,6 +33,7 @@
 #include <pqkv/codebook/codebook.hpp>
 #include <pqkv/core/concepts.hpp>
 #include <pqkv/core/config.hpp>
+#include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/parallel.hpp>
 #include <pqkv/core/views.hpp>
@@ -42,9 +43,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 namespace pqkv {
@@ -293,6 +296,30 @@ class adc_topk {
                                      out.data_handle() + g * out.extent(1), out.extent(1), score_row, keys));
       pqkv::detail::fill_non_candidate_scores(scores, g, n_tokens, cand);
     });
+  }
+
+  /// The same call with queries of another element type (__half,
+  /// __nv_bfloat16, ...): they are widened to float (exactly) first, as the
+  /// GPU scorer does when it builds the LUT, so both see the same queries.
+  template <class Query, class Layout>
+    requires(!std::same_as<std::remove_const_t<Query>, float> && KvElement<std::remove_const_t<Query>>)
+  void operator()(::cuda::std::mdspan<Query, extents<2>, Layout> q,  // [q_heads, dim]
+                  codes_view<std::uint8_t const> codes,               // [kv_heads, >= n_tokens, m]
+                  centroids_view<float const> centroids,              // [kv_heads, m, ksub, dsub]
+                  index_t n_tokens,
+                  selection_view<std::int32_t> out,                   // [kv_heads, >= k]
+                  std::span<std::int32_t> valid_counts,               // [kv_heads]
+                  view<float, 2> scores = {}) const                   // [kv_heads, >= n_tokens], optional
+  {
+    PQKV_EXPECTS(q.data_handle() != nullptr || q.size() == 0, "adc_topk", "q.data_handle() is null");
+    std::vector<float> wide(static_cast<std::size_t>(q.extent(0) * q.extent(1)));
+    for (index_t h = 0; h < q.extent(0); ++h) {
+      for (index_t d = 0; d < q.extent(1); ++d) {
+        wide[static_cast<std::size_t>(h * q.extent(1) + d)] = to_float(static_cast<std::remove_const_t<Query>>(q(h, d)));
+      }
+    }
+    (*this)(query_view<float const>{make_view(static_cast<float const*>(wide.data()), q.extent(0), q.extent(1))}, codes,
+            centroids, n_tokens, out, valid_counts, scores);
   }
 
  private:

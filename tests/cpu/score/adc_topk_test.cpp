@@ -183,6 +183,25 @@ TEST_CASE_TEMPLATE("adc_topk: scores match the contract bit for bit and the sele
   }
 }
 
+TEST_CASE_TEMPLATE("adc_topk: half and bf16 queries score as their float widening", Q, __half, __nv_bfloat16)
+{
+  problem p({.q_heads = 8, .kv_heads = 2, .dim = 32, .m = 8, .nbits = 5}, 400, 77);
+  pqkv::host_tensor<Q, 2> qn(p.shape.q_heads, p.shape.dim);
+  for (std::size_t i = 0; i < p.q.size(); ++i) {
+    qn.data()[i] = pqkv::from_float<Q>(p.q.data()[i]);
+    p.q.data()[i] = pqkv::to_float(qn.data()[i]);  // the float queries the narrow ones widen to
+  }
+  pqkv::selection_params const params{.k = 25, .sink = 2, .window = 5};
+  auto const want = run_adc<pqkv::gqa::softmax_sum>(p, params, 30);
+  result got(2, 30, p.n);
+  pqkv::cpu::adc_topk<pqkv::gqa::softmax_sum> const op{p.shape, params};
+  op(qn.const_view(), p.codes.const_view(), p.centroids.const_view(), p.n, got.sel.view(), got.valid,
+     got.scores.view());
+  CHECK(got.sel.storage() == want.sel.storage());
+  CHECK(got.valid == want.valid);
+  CHECK(got.scores.storage() == want.scores.storage());
+}
+
 TEST_CASE("adc_topk: GQA policies on a hand-computed case")
 {
   // m = 1, dsub = 2, 4 centroids; q head h reads KV head h / 2. KV head 1 holds

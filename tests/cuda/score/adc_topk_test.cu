@@ -2,11 +2,16 @@
 // pqkv::gpu::adc_topk against pqkv::cpu::adc_topk on the same random inputs:
 // the same selections and valid counts (gqa::sum, gqa::max exactly;
 // gqa::softmax_sum exactly except at near-ties, which are counted and
-// bounded), across m, nbits, k, ragged batches and graph replays.
+// bounded), across m, nbits, k, ragged batches and graph replays; paged codes
+// (bit-equal to contiguous), the scores output, half/bf16 queries, and the
+// page-list helpers against their CPU reference.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/random.hpp>
 #include <pqkv/score/adc_topk.cuh>
 #include <pqkv/score/adc_topk.hpp>
+#include <pqkv/score/page_list.cuh>
+#include <pqkv/score/page_list.hpp>
+#include <pqkv/score/paged_codes.hpp>
 
 #include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
@@ -473,4 +478,428 @@ TEST_CASE("gpu adc_topk: a captured CUDA graph replays while seq_lens grows")
   PQKV_REQUIRE_GPU();
   graph_replay_matches<pqkv::gqa::max>();
   graph_replay_matches<pqkv::gqa::softmax_sum>();
+}
+
+// ---- paged codes, scores output, query dtypes, page lists ---------------------------------
+
+namespace {
+
+/// A case's codes moved into a page pool [num_pages, kv_heads, P, m] at
+/// shuffled physical pages (plus `spare` pages nobody uses), with a block
+/// table [batch, width]; entries past a sequence's last page are -1 unless
+/// `full_table`.
+struct paged_host {
+  index_t page = 1, width = 0, num_pages = 0;
+  std::vector<std::uint8_t> pool;
+  std::vector<std::int32_t> table;
+};
+
+paged_host make_paged(case_data const& d, index_t page, bool full_table, std::uint64_t seed, index_t spare = 3)
+{
+  REQUIRE(d.capacity % page == 0);
+  paged_host p;
+  p.page = page;
+  p.width = d.capacity / page;
+  p.num_pages = d.batch * p.width + spare;
+  index_t const kv = d.shape.kv_heads, m = d.shape.m;
+  std::vector<std::int32_t> perm(static_cast<std::size_t>(p.num_pages));
+  for (std::size_t i = 0; i < perm.size(); ++i) { perm[i] = static_cast<std::int32_t>(i); }
+  for (std::size_t i = perm.size(); i > 1; --i) {
+    std::swap(perm[i - 1], perm[static_cast<std::size_t>(pqkv::detail::random_below(seed, 7, i, i))]);
+  }
+  p.pool.resize(static_cast<std::size_t>(p.num_pages * kv * page * m));
+  for (std::size_t i = 0; i < p.pool.size(); ++i) {  // spare pages hold noise
+    p.pool[i] = static_cast<std::uint8_t>(pqkv::detail::random_below(seed, 8, i, static_cast<std::uint64_t>(d.shape.ksub())));
+  }
+  p.table.assign(static_cast<std::size_t>(d.batch * p.width), -1);
+  for (index_t b = 0; b < d.batch; ++b) {
+    index_t const used = full_table ? p.width : (d.lens[static_cast<std::size_t>(b)] + page - 1) / page;
+    for (index_t lp = 0; lp < std::min(used, p.width); ++lp) {
+      std::int32_t const phys = perm[static_cast<std::size_t>(b * p.width + lp)];
+      p.table[static_cast<std::size_t>(b * p.width + lp)] = phys;
+      for (index_t g = 0; g < kv; ++g) {
+        for (index_t o = 0; o < page; ++o) {
+          std::uint8_t const* src = d.codes.data() + ((b * kv + g) * d.capacity + lp * page + o) * m;
+          std::uint8_t* dst = p.pool.data() + ((phys * kv + g) * page + o) * m;
+          std::copy(src, src + m, dst);
+        }
+      }
+    }
+  }
+  return p;
+}
+
+/// Device outputs with scores, and the paged inputs.
+struct gpu_scored {
+  std::vector<std::int32_t> out, valid;
+  std::vector<float> scores;  // [batch, kv_heads, out_k]
+};
+
+template <class Agg, class Codes>
+gpu_scored run_scored(pqkv::gpu::adc_topk<Agg> const& op, case_data const& d, device_case& dc, Codes const& codes)
+{
+  index_t const kv = d.shape.kv_heads;
+  pqkv::device_buffer<float> scores(static_cast<std::size_t>(std::max<index_t>(d.batch * kv * d.out_k, 1)));
+  PQKV_CUDA_TRY(cudaMemset(scores.data(), 0x5A, scores.size_bytes()));
+  dc.poison();
+  op(pqkv::make_view(static_cast<float const*>(dc.q.data()), d.batch, d.shape.q_heads, d.shape.dim), codes,
+     pqkv::make_view(static_cast<float const*>(dc.centroids.data()), kv, d.shape.m, d.shape.ksub(), d.shape.dsub()),
+     std::span<std::int32_t const>(dc.lens.data(), static_cast<std::size_t>(d.batch)),
+     pqkv::make_view(dc.out.data(), d.batch, kv, d.out_k), pqkv::make_view(dc.valid.data(), d.batch, kv),
+     pqkv::make_view(scores.data(), d.batch, kv, d.out_k), dc.workspace.span(), nullptr);
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  auto const r = dc.download(d);
+  return {r.out, r.valid, pqkv::test::download(scores, static_cast<std::size_t>(d.batch * kv * d.out_k))};
+}
+
+/// Bit equality of two float vectors (NaN-safe), naming the first difference.
+bool same_bits(std::vector<float> const& a, std::vector<float> const& b, char const* what)
+{
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+      MESSAGE(what, ": first difference at ", i, ": ", a[i], " vs ", b[i]);
+      return false;
+    }
+  }
+  return true;
+}
+
+/// The CPU's aggregated scores of the selected tokens, -inf for padding.
+std::vector<float> cpu_selected_scores(case_data const& d, result const& cpu)
+{
+  index_t const cap = std::max<index_t>(d.capacity, 1);
+  std::vector<float> s(cpu.out.size(), -std::numeric_limits<float>::infinity());
+  for (std::size_t i = 0; i < cpu.out.size(); ++i) {
+    std::int32_t const t = cpu.out[i];
+    if (t >= 0) { s[i] = cpu.scores[i / static_cast<std::size_t>(d.out_k) * static_cast<std::size_t>(cap) + static_cast<std::size_t>(t)]; }
+  }
+  return s;
+}
+
+template <class Agg>
+void paged_matches_contiguous(index_t page, index_t m, std::uint64_t seed)
+{
+  // Groups of 4 (the kernels' R = 4 path), 2 and 8 (the any-group path).
+  index_t const q_heads = Agg::needs_softmax ? 16 : (m == 3 ? 4 : 8);
+  auto const shape = shape_of(q_heads, 2, m == 3 ? 48 : 64, m, m == 8 ? 8 : 6);
+  pqkv::selection_params const params{.k = 100, .sink = 3, .window = 9};
+  index_t const cap = (1500 + page - 1) / page * page + 2 * page;  // two table entries past the longest sequence
+  auto const d = make_case(shape, params, {1500, 7, 1000 + static_cast<std::int32_t>(page)}, cap, 104, seed);
+  pqkv::gpu::adc_topk<Agg> const op{shape, params, {.max_batch = 3, .max_tokens = cap}};
+  device_case dc(d, op.workspace_bytes());
+  auto const ph = make_paged(d, page, false, seed + 1);
+  auto const pool = pqkv::test::upload(ph.pool);
+  auto const table = pqkv::test::upload(ph.table);
+  pqkv::paged_codes const paged{
+    pqkv::make_view(static_cast<std::uint8_t const*>(pool.data()), ph.num_pages, shape.kv_heads, page, m),
+    pqkv::make_view(static_cast<std::int32_t const*>(table.data()), d.batch, ph.width)};
+  auto const contiguous =
+    run_scored(op, d, dc, pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, shape.kv_heads, cap, m));
+  auto const via_pages = run_scored(op, d, dc, paged);
+  CAPTURE(page);
+  CAPTURE(m);
+  CHECK(via_pages.valid == contiguous.valid);
+  CHECK(via_pages.out == contiguous.out);
+  CHECK(same_bits(via_pages.scores, contiguous.scores, "paged vs contiguous scores"));
+  auto const cpu = run_cpu<Agg>(d);
+  if constexpr (Agg::needs_softmax) {
+    result g;
+    g.out = via_pages.out;
+    g.valid = via_pages.valid;
+    CHECK(check_near_equal(d, cpu, g, 1e-5) <= 2);
+  } else {
+    CHECK(via_pages.out == cpu.out);
+    CHECK(via_pages.valid == cpu.valid);
+    CHECK(same_bits(via_pages.scores, cpu_selected_scores(d, cpu), "gpu vs cpu scores"));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gpu adc_topk: paged codes give the contiguous selection and scores bit for bit")
+{
+  PQKV_REQUIRE_GPU();
+  std::uint64_t seed = 500;
+  for (index_t page : {index_t{1}, index_t{16}, index_t{7}, index_t{64}}) {
+    for (index_t m : {index_t{8}, index_t{3}}) {  // the vector path and the byte path
+      paged_matches_contiguous<pqkv::gqa::sum>(page, m, ++seed);
+      paged_matches_contiguous<pqkv::gqa::max>(page, m, ++seed);
+    }
+    paged_matches_contiguous<pqkv::gqa::softmax_sum>(page, 16, ++seed);
+  }
+}
+
+TEST_CASE("gpu adc_topk: paged codes, one moderate case (n = 40000, page 64, group 4, m = 16)")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(16, 4, 128, 16, 8);
+  pqkv::selection_params const params{.k = 2048, .sink = 4, .window = 64};
+  index_t const cap = 40064;
+  auto const d = make_case(shape, params, {40000, 12345}, cap, 2048, 61);
+  pqkv::gpu::adc_topk<pqkv::gqa::sum> const op{shape, params, {.max_batch = 2, .max_tokens = cap}};
+  device_case dc(d, op.workspace_bytes());
+  auto const ph = make_paged(d, 64, false, 62);
+  auto const pool = pqkv::test::upload(ph.pool);
+  auto const table = pqkv::test::upload(ph.table);
+  pqkv::paged_codes const paged{
+    pqkv::make_view(static_cast<std::uint8_t const*>(pool.data()), ph.num_pages, shape.kv_heads, 64, shape.m),
+    pqkv::make_view(static_cast<std::int32_t const*>(table.data()), d.batch, ph.width)};
+  auto const g = run_scored(op, d, dc, paged);
+  auto const cpu = run_cpu<pqkv::gqa::sum>(d);
+  CHECK(g.valid == cpu.valid);
+  CHECK(g.out == cpu.out);
+  CHECK(same_bits(g.scores, cpu_selected_scores(d, cpu), "gpu vs cpu scores"));
+}
+
+// softmax_sum: expf (2 ulp on the device) and the order of Z's sum differ
+// from the host's, so the group's summed probabilities may differ by a few
+// ulp; 2e-6 relative bounds ~16.
+TEST_CASE("gpu adc_topk: the scores output, padding -inf, softmax within a few ulp")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 50, .sink = 2, .window = 4};
+  auto const d = make_case(shape, params, {900, 30, 0}, 900, 60, 71);  // rows with 24 and 0 candidates pad
+  auto const codes = [&](device_case const& dc) {
+    return pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, shape.kv_heads, d.capacity,
+                           shape.m);
+  };
+  {
+    pqkv::gpu::adc_topk<pqkv::gqa::max> const op{shape, params, {.max_batch = 3, .max_tokens = 900}};
+    device_case dc(d, op.workspace_bytes());
+    auto const g = run_scored(op, d, dc, codes(dc));
+    auto const cpu = run_cpu<pqkv::gqa::max>(d);
+    CHECK(g.out == cpu.out);
+    CHECK(same_bits(g.scores, cpu_selected_scores(d, cpu), "max scores"));
+    // Index-only calls are unchanged by the scores path.
+    dc.poison();
+    dc.call(op, d, nullptr);
+    PQKV_CUDA_TRY(cudaDeviceSynchronize());
+    CHECK(dc.download(d).out == g.out);
+  }
+  {
+    pqkv::gpu::adc_topk<pqkv::gqa::softmax_sum> const op{shape, params, {.max_batch = 3, .max_tokens = 900}};
+    device_case dc(d, op.workspace_bytes());
+    auto const g = run_scored(op, d, dc, codes(dc));
+    auto const cpu = run_cpu<pqkv::gqa::softmax_sum>(d);
+    auto const want = cpu_selected_scores(d, cpu);
+    int compared = 0;
+    for (std::size_t i = 0; i < g.out.size(); ++i) {
+      if (g.out[i] != cpu.out[i]) { continue; }  // a near-tie swap: another token's score
+      if (g.out[i] < 0) {
+        CHECK(g.scores[i] == -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      CHECK_MESSAGE(std::fabs(g.scores[i] - want[i]) <= 2e-6f * std::fabs(want[i]) + 1e-30f, "entry ", i, ": ",
+                    g.scores[i], " vs ", want[i]);
+      ++compared;
+    }
+    CHECK(compared > 50);
+  }
+  {
+    // Zero capacity: scores are all padding.
+    pqkv::selection_params const p8{.k = 8, .sink = 2, .window = 4};
+    auto const e = make_case(shape, p8, {0, 0}, 0, 8, 72);
+    pqkv::gpu::adc_topk<pqkv::gqa::sum> const op{shape, p8, {.max_batch = 2, .max_tokens = 16}};
+    device_case dc(e, op.workspace_bytes());
+    auto const g = run_scored(op, e, dc, pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), 2, 2, 0, 8));
+    CHECK(std::all_of(g.scores.begin(), g.scores.end(), [](float x) { return x == -std::numeric_limits<float>::infinity(); }));
+    CHECK(g.out == std::vector<std::int32_t>(32, -1));
+  }
+}
+
+namespace {
+
+/// Queries of element type T: the GPU with T queries equals the CPU with
+/// the same queries widened to float.
+template <class T, class Agg>
+void query_dtype_matches()
+{
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 77, .sink = 1, .window = 5};
+  auto d = make_case(shape, params, {1200, 300}, 1200, 77, 81);
+  std::vector<T> qt(d.q.size());
+  for (std::size_t i = 0; i < d.q.size(); ++i) {
+    qt[i] = pqkv::from_float<T>(d.q[i]);
+    d.q[i] = pqkv::to_float(qt[i]);  // what the CPU reference sees
+  }
+  pqkv::gpu::adc_topk<Agg> const op{shape, params, {.max_batch = 2, .max_tokens = 1200}};
+  device_case dc(d, op.workspace_bytes());
+  auto const qd = pqkv::test::upload(qt);
+  op(pqkv::make_view(qd.data(), d.batch, shape.q_heads, shape.dim),  // a non-const view deduces too
+     pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, shape.kv_heads, d.capacity, shape.m),
+     pqkv::make_view(static_cast<float const*>(dc.centroids.data()), 2, 8, 256, 8),
+     std::span<std::int32_t const>(dc.lens.data(), 2), pqkv::make_view(dc.out.data(), 2, 2, 77),
+     pqkv::make_view(dc.valid.data(), 2, 2), dc.workspace.span(), nullptr);
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  check_equal(d, run_cpu<Agg>(d), dc.download(d));
+}
+
+}  // namespace
+
+TEST_CASE("gpu adc_topk: __half and __nv_bfloat16 queries equal the CPU on the widened queries")
+{
+  PQKV_REQUIRE_GPU();
+  query_dtype_matches<__nv_bfloat16, pqkv::gqa::sum>();
+  query_dtype_matches<__nv_bfloat16, pqkv::gqa::max>();
+  query_dtype_matches<__half, pqkv::gqa::sum>();
+}
+
+TEST_CASE("gpu adc_topk: bad paged codes or scores throw before any launch")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 16};
+  auto const d = make_case(shape, params, {200, 100}, 256, 16, 91);
+  pqkv::gpu::adc_topk<pqkv::gqa::sum> const op{shape, params, {.max_batch = 2, .max_tokens = 256}};
+  device_case dc(d, op.workspace_bytes());
+  auto const ph = make_paged(d, 16, true, 92);
+  auto const pool = pqkv::test::upload(ph.pool);
+  auto const table = pqkv::test::upload(ph.table);
+  auto const* pp = static_cast<std::uint8_t const*>(pool.data());
+  auto const* tp = static_cast<std::int32_t const*>(table.data());
+  auto const q = pqkv::make_view(static_cast<float const*>(dc.q.data()), 2, 8, 64);
+  auto const cents = pqkv::make_view(static_cast<float const*>(dc.centroids.data()), 2, 8, 256, 8);
+  std::span<std::int32_t const> const lens(dc.lens.data(), 2);
+  auto const out = pqkv::make_view(dc.out.data(), 2, 2, 16);
+  auto const valid = pqkv::make_view(dc.valid.data(), 2, 2);
+  pqkv::device_buffer<float> sc(64);
+  auto const ws = dc.workspace.span();
+  auto const good = pqkv::paged_codes{pqkv::make_view(pp, ph.num_pages, 2, 16, 8), pqkv::make_view(tp, 2, ph.width)};
+  CHECK_NOTHROW(op(q, good, cents, lens, out, valid, ws, nullptr));
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  dc.poison();
+  auto bad = [&](pqkv::paged_codes const& c, char const* what) {
+    CHECK_THROWS_WITH_AS(op(q, c, cents, lens, out, valid, ws, nullptr), doctest::Contains(what), pqkv::error);
+  };
+  bad({pqkv::make_view(pp, ph.num_pages, 2, 0, 8), pqkv::make_view(tp, 2, ph.width)}, "page_size");
+  bad({pqkv::make_view(pp, ph.num_pages, 1, 16, 8), pqkv::make_view(tp, 2, ph.width)}, "codes.pool.extent(1)=1");
+  bad({pqkv::make_view(pp, ph.num_pages, 2, 16, 4), pqkv::make_view(tp, 2, ph.width)}, "codes.pool.extent(3)=4");
+  bad({pqkv::make_view(pp, ph.num_pages, 2, 16, 8), pqkv::make_view(tp, 1, ph.width)},
+      "codes.block_table.extent(0)=1");
+  bad({pqkv::make_view(pp, ph.num_pages, 2, 32, 8), pqkv::make_view(tp, 2, ph.width)}, "exceeds limits.max_tokens");
+  bad({pqkv::make_view(pp, 0, 2, 16, 8), pqkv::make_view(tp, 2, ph.width)}, "num_pages");
+  bad({pqkv::make_view(pp + 4, ph.num_pages - 1, 2, 16, 8), pqkv::make_view(tp, 2, ph.width)}, "not aligned");
+  bad({pqkv::make_strided_view<std::uint8_t const, 4>(pp, {ph.num_pages, 2, 16, 8}, {2 * 16 * 12, 16 * 12, 12, 1}),
+       pqkv::make_view(tp, 2, ph.width)},
+      "codes.pool.stride(2)=12");
+  bad({pqkv::make_view(static_cast<std::uint8_t const*>(nullptr), ph.num_pages, 2, 16, 8), pqkv::make_view(tp, 2, ph.width)},
+      "codes.pool.data_handle() is null");
+  CHECK_THROWS_WITH_AS(op(q, good, cents, lens, out, valid, pqkv::make_view(sc.data(), 2, 2, 15), ws, nullptr),
+                       doctest::Contains("scores extents"), pqkv::error);
+  CHECK_THROWS_WITH_AS(op(q, good, cents, lens, out, valid, pqkv::make_view(static_cast<float*>(nullptr), 2, 2, 16), ws,
+                          nullptr),
+                       doctest::Contains("scores.data_handle() is null"), pqkv::error);
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  auto const after = dc.download(d);
+  std::int32_t poison = 0;
+  std::memset(&poison, 0x5A, sizeof(poison));
+  CHECK(std::all_of(after.out.begin(), after.out.end(), [&](std::int32_t v) { return v == poison; }));
+  CHECK(std::all_of(after.valid.begin(), after.valid.end(), [&](std::int32_t v) { return v == poison; }));
+}
+
+TEST_CASE("gpu adc_topk: a graph with paged codes replays while a sequence grows across page boundaries")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 40, .sink = 2, .window = 8};
+  index_t const page = 16, cap = 512;
+  auto d = make_case(shape, params, {63, 16}, cap, 40, 101);
+  pqkv::gpu::adc_topk<pqkv::gqa::max> const op{shape, params, {.max_batch = 2, .max_tokens = cap}};
+  device_case dc(d, op.workspace_bytes());
+  auto const ph = make_paged(d, page, true, 102);  // the engine maps pages ahead of the lengths
+  auto const pool = pqkv::test::upload(ph.pool);
+  auto const table = pqkv::test::upload(ph.table);
+  pqkv::device_buffer<float> sc(static_cast<std::size_t>(2 * 2 * 40));
+  pqkv::paged_codes const paged{
+    pqkv::make_view(static_cast<std::uint8_t const*>(pool.data()), ph.num_pages, 2, page, 8),
+    pqkv::make_view(static_cast<std::int32_t const*>(table.data()), 2, ph.width)};
+  cudaStream_t stream = nullptr;
+  PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  pqkv::test::captured_graph const graph(stream, [&] {
+    op(pqkv::make_view(static_cast<float const*>(dc.q.data()), 2, 8, 64), paged,
+       pqkv::make_view(static_cast<float const*>(dc.centroids.data()), 2, 8, 256, 8),
+       std::span<std::int32_t const>(dc.lens.data(), 2), pqkv::make_view(dc.out.data(), 2, 2, 40),
+       pqkv::make_view(dc.valid.data(), 2, 2), pqkv::make_view(sc.data(), 2, 2, 40), dc.workspace.span(), stream);
+  });
+  for (std::vector<std::int32_t> lens : {std::vector<std::int32_t>{63, 16}, {64, 17}, {65, 33}, {129, 48}, {512, 511}}) {
+    CAPTURE(lens[0]);
+    d.lens = lens;
+    PQKV_CUDA_TRY(cudaMemcpy(dc.lens.data(), lens.data(), lens.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    dc.poison();
+    graph.launch(stream);
+    PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+    auto const cpu = run_cpu<pqkv::gqa::max>(d);
+    auto const g = dc.download(d);
+    check_equal(d, cpu, g);
+    CHECK(same_bits(pqkv::test::download(sc, 160), cpu_selected_scores(d, cpu), "graph scores"));
+  }
+  PQKV_CUDA_TRY(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("gpu page lists equal the CPU reference (pages, FlashInfer arrays, slots)")
+{
+  PQKV_REQUIRE_GPU();
+  // Selections from the scorer itself, plus hand-made rows with bad entries.
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 300, .sink = 2, .window = 8};
+  auto const d = make_case(shape, params, {3000, 40, 0, 1777}, 3000, 300, 111);
+  auto const sel_cpu = run_cpu<pqkv::gqa::sum>(d);
+  std::vector<std::int32_t> sel = sel_cpu.out, valid = sel_cpu.valid;
+  sel[0] = -1;             // a negative entry inside the valid prefix
+  valid[1] = 400;          // a count above k (clamped)
+  index_t const batch = d.batch, heads = shape.kv_heads, k = d.out_k, rows = batch * heads;
+  for (index_t page : {index_t{1}, index_t{7}, index_t{16}, index_t{64}}) {
+    CAPTURE(page);
+    index_t const width = 3000 / page;  // a few trailing pages unmapped
+    std::vector<std::int32_t> table(static_cast<std::size_t>(batch * width));
+    for (std::size_t i = 0; i < table.size(); ++i) {
+      table[i] = i % 17 == 5 ? -1 : static_cast<std::int32_t>(pqkv::detail::random_below(112, page, i, 100000));
+    }
+    auto const s_h = pqkv::make_view(static_cast<std::int32_t const*>(sel.data()), batch, heads, k);
+    auto const v_h = pqkv::make_view(static_cast<std::int32_t const*>(valid.data()), batch, heads);
+    auto const t_h = pqkv::make_view(static_cast<std::int32_t const*>(table.data()), batch, width);
+    auto const sd = pqkv::test::upload(sel), vd = pqkv::test::upload(valid), td = pqkv::test::upload(table),
+               ld = pqkv::test::upload(d.lens);
+    auto const s_d = pqkv::make_view(static_cast<std::int32_t const*>(sd.data()), batch, heads, k);
+    auto const v_d = pqkv::make_view(static_cast<std::int32_t const*>(vd.data()), batch, heads);
+    auto const t_d = pqkv::make_view(static_cast<std::int32_t const*>(td.data()), batch, width);
+    for (bool mapped : {false, true}) {
+      CAPTURE(mapped);
+      std::vector<std::int32_t> pages(sel.size()), counts(valid.size());
+      pqkv::cpu::to_page_indices(s_h, v_h, page, mapped ? t_h : decltype(t_h){}, pqkv::make_view(pages.data(), batch, heads, k),
+                                 pqkv::make_view(counts.data(), batch, heads));
+      pqkv::device_buffer<std::int32_t> pd(sel.size()), cd(valid.size());
+      pqkv::gpu::to_page_indices(s_d, v_d, page, mapped ? t_d : decltype(t_d){}, pqkv::make_view(pd.data(), batch, heads, k),
+                                 pqkv::make_view(cd.data(), batch, heads), nullptr);
+      CHECK(pqkv::test::download(pd, pages.size()) == pages);
+      CHECK(pqkv::test::download(cd, counts.size()) == counts);
+
+      std::vector<std::int32_t> indptr(static_cast<std::size_t>(rows + 1)), indices(sel.size() + 5), last(valid.size());
+      pqkv::cpu::to_paged_kv(s_h, v_h, d.lens, page, mapped ? t_h : decltype(t_h){}, indptr, indices, last);
+      pqkv::device_buffer<std::int32_t> ip(indptr.size()), ix(indices.size()), lp(last.size());
+      PQKV_CUDA_TRY(cudaMemset(ix.data(), 0x5A, ix.size_bytes()));
+      pqkv::gpu::to_paged_kv(s_d, v_d, std::span<std::int32_t const>(ld.data(), static_cast<std::size_t>(batch)), page,
+                             mapped ? t_d : decltype(t_d){}, ip.span(), ix.span(), lp.span(), nullptr);
+      CHECK(pqkv::test::download(ip, indptr.size()) == indptr);
+      CHECK(pqkv::test::download(ix, indices.size()) == indices);
+      CHECK(pqkv::test::download(lp, last.size()) == last);
+    }
+    std::vector<std::int32_t> slots(sel.size());
+    pqkv::cpu::to_physical_slots(s_h, page, t_h, pqkv::make_view(slots.data(), batch, heads, k));
+    pqkv::device_buffer<std::int32_t> sl(sel.size());
+    pqkv::gpu::to_physical_slots(s_d, page, t_d, pqkv::make_view(sl.data(), batch, heads, k), nullptr);
+    CHECK(pqkv::test::download(sl, slots.size()) == slots);
+  }
+  // Bad arguments throw before a launch.
+  pqkv::device_buffer<std::int32_t> o(8), c(2);
+  auto const s1 = pqkv::make_view(static_cast<std::int32_t const*>(o.data()), 1, 2, 4);
+  auto const v1 = pqkv::make_view(static_cast<std::int32_t const*>(c.data()), 1, 2);
+  CHECK_THROWS_AS(pqkv::gpu::to_page_indices(s1, v1, 0, {}, pqkv::make_view(o.data(), 1, 2, 4), pqkv::make_view(c.data(), 1, 2),
+                                             nullptr),
+                  pqkv::error);
+  CHECK_THROWS_AS(pqkv::gpu::to_page_indices(s1, v1, 4, {}, pqkv::make_view(o.data(), 1, 2, 3), pqkv::make_view(c.data(), 1, 2),
+                                             nullptr),
+                  pqkv::error);
 }
