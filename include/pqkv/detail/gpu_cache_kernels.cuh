@@ -65,6 +65,8 @@ struct shared_scratch {
     } sel;
     block_sort::TempStorage sort;
   } order;
+  /// The first tile of a step's inserted keys (the slot table's misses).
+  std::int32_t ins_key[tile];
   unsigned int hist[256];
   int total;
   int count;
@@ -112,8 +114,8 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 }
 
 /// Selects the `want` smallest candidates of [0, n) in (key, index) order and
-/// writes their indices, ascending in that order, to out[0, r); returns r =
-/// min(want, candidates). sel_key / sel_idx: global scratch of n entries,
+/// calls emit(rank, index) for each (rank 0 is the smallest; one call per
+/// rank, from any thread); returns r = min(want, candidates). sel_key / sel_idx: global scratch of n entries,
 /// used only when more than a tile is selected.
 ///
 /// Steps: one reduction for the candidates' count and key range; a radix
@@ -122,9 +124,9 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// whole; one ordered compaction of the keys below T and the first keys equal
 /// to T; then a stable block radix sort over the bits that still differ (a
 /// tile at most; a rank sort beyond).
-template <class KeyAt, class Cand>
+template <class KeyAt, class Cand, class Emit>
 __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
-                               std::int32_t* sel_idx, std::int32_t* out, shared_scratch& sh)
+                               std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
 {
   key_range local{0, ~0ull, 0};
   for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
@@ -279,7 +281,7 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
           unsigned long long const kj = sh.order.sel.key[j];
           rank += (kj < ki || (kj == ki && j < i)) ? 1 : 0;
         }
-        out[rank] = sh.order.sel.idx[i];
+        emit(rank, sh.order.sel.idx[i]);
       }
     } else {
       __syncthreads();  // the sort's storage overlays the pairs
@@ -287,7 +289,7 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
 #pragma unroll
       for (int u = 0; u < scan_items; ++u) {
         int const p = static_cast<int>(threadIdx.x) * scan_items + u;
-        if (p < r) { out[p] = idx[u]; }
+        if (p < r) { emit(p, idx[u]); }
       }
     }
   } else {
@@ -299,7 +301,7 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         unsigned long long const kj = sel_key[j];
         rank += (kj < ki || (kj == ki && j < i)) ? 1 : 0;
       }
-      out[rank] = sel_idx[i];
+      emit(rank, sel_idx[i]);
     }
   }
   __syncthreads();
@@ -363,9 +365,9 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   std::int32_t* ins_evicted = a.ins_evicted + row * a.n;
 
   // Fast path (a batched-victim policy whose slots fit in shared memory): the
-  // slots' eviction keys and keys are loaded up front, while the lookups are
-  // in flight, and this step's pins are a shared bit set; the step then reads
-  // no slot state from global memory again.
+  // slots' eviction keys and keys are loaded into shared memory while the
+  // first tile's lookups are in flight, and this step's pins are a shared bit
+  // set; the step then reads no slot state from global memory again.
   bool const fast = gpu::victim_is_argmin_v<Policy> && a.keys_in_smem;
   extern __shared__ unsigned long long dyn_smem[];
   unsigned long long* s_evict_key = dyn_smem;                                      // [managed]
@@ -380,6 +382,24 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     s_step = st;
     s_used = static_cast<int>(a.used[row]);
   }
+  std::int32_t const newest = a.reserved && a.newest != nullptr ? a.newest[row / a.kv_heads] : -1;
+  auto const reserved_slot = static_cast<std::int32_t>(a.managed);
+
+  // The first tile's keys and their slots on the map as it was before the
+  // call. Each thread takes scan_items consecutive entries per tile and issues
+  // their loads together: the step is latency-bound, one block per row.
+  auto lookup = [&](int j0, std::int32_t (&key)[scan_items], std::int32_t (&sl)[scan_items]) {
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) { key[u] = j0 + u < a.n ? keys[j0 + u] : -1; }
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      bool const valid = key[u] >= 0 && key[u] < a.key_bound;
+      sl[u] = !valid ? -1 : (key[u] == newest ? reserved_slot : slot_of[key[u]]);
+    }
+  };
+  std::int32_t key0[scan_items], slot0[scan_items];
+  lookup(static_cast<int>(threadIdx.x) * scan_items, key0, slot0);
+
   if (fast) {
     float const* score = a.score + rm;
     std::uint32_t const* stamp = a.stamp + rm;
@@ -411,29 +431,27 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   }
   std::uint32_t const step = s_step;
   cache::slot_state state{a.score + rm, a.stamp + rm, pinned, static_cast<std::uint32_t>(a.managed), step};
-  std::int32_t const newest = a.reserved && a.newest != nullptr ? a.newest[row / a.kv_heads] : -1;
-  auto const reserved_slot = static_cast<std::int32_t>(a.managed);
 
-  // 1. Hits (on the map as it was before the call); misses claim their key
-  //    with the lowest position holding it. Each thread takes scan_items
-  //    consecutive entries per tile and issues their loads together: the
-  //    step is latency-bound, one block per row.
+  // 1. Hits; misses claim their key with the lowest position holding it.
   int hits = 0, bad = 0, valid_count = 0;
   for (int base = 0; base < a.n; base += tile) {
     int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
     std::int32_t key[scan_items], s[scan_items];
+    if (base == 0) {
 #pragma unroll
-    for (int u = 0; u < scan_items; ++u) { key[u] = j0 + u < a.n ? keys[j0 + u] : -1; }
-#pragma unroll
-    for (int u = 0; u < scan_items; ++u) {
-      bool const valid = key[u] >= 0 && key[u] < a.key_bound;
-      s[u] = !valid ? -1 : (key[u] == newest ? reserved_slot : slot_of[key[u]]);
-      bad += key[u] >= a.key_bound ? 1 : 0;
-      valid_count += valid ? 1 : 0;
+      for (int u = 0; u < scan_items; ++u) {
+        key[u] = key0[u];
+        s[u] = slot0[u];
+      }
+    } else {
+      lookup(j0, key, s);
     }
     std::uint32_t first[scan_items];
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
+      bool const valid = key[u] >= 0 && key[u] < a.key_bound;
+      bad += key[u] >= a.key_bound ? 1 : 0;
+      valid_count += valid ? 1 : 0;
       first[u] = 0;
       if (s[u] >= 0 && s[u] != reserved_slot) {
         if (fast) {
@@ -443,7 +461,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
           first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
         }
       }
-      if (s[u] < 0 && key[u] >= 0 && key[u] < a.key_bound) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
+      if (s[u] < 0 && valid) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
     }
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
@@ -457,45 +475,70 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   }
   __syncthreads();
 
-  // 2. Distinct misses in first-occurrence order.
-  int const misses = compact_in_order(
-    a.n,
-    [&](int j) {
-      std::int32_t const key = keys[j];
-      return key >= 0 && key < a.key_bound && hit[j] == 0 && slot_of[key] == claim_base + j;
-    },
-    [&](int j, int rank) { ins_key[rank] = keys[j]; }, sh);
+  // 2. Distinct misses in first-occurrence order (the first tile from
+  //    registers); the first tile of them is mirrored in shared memory.
+  int misses = 0;
+  for (int base = 0; base < a.n; base += tile) {
+    int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
+    std::int32_t key[scan_items];
+    int flags[scan_items], ranks[scan_items];
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      bool miss = false;
+      if (base == 0) {
+        key[u] = key0[u];
+        miss = slot0[u] < 0;
+      } else {
+        key[u] = j0 + u < a.n ? keys[j0 + u] : -1;
+        miss = j0 + u < a.n && hit[j0 + u] == 0;
+      }
+      flags[u] = miss && key[u] >= 0 && key[u] < a.key_bound && slot_of[key[u]] == claim_base + j0 + u ? 1 : 0;
+    }
+    int tile_total = 0;
+    block_scan(sh.temp.scan).ExclusiveSum(flags, ranks, tile_total);
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      if (flags[u] == 0) { continue; }
+      int const rank = misses + ranks[u];
+      ins_key[rank] = key[u];
+      if (rank < tile) { sh.ins_key[rank] = key[u]; }
+    }
+    misses += tile_total;
+    __syncthreads();
+  }
+  auto inserted_key = [&](int i) { return i < tile ? sh.ins_key[i] : ins_key[i]; };
 
   // 3. Free slots, lowest first, to the first misses. Slots are freed only by
   //    a reset and filled lowest first, so the free ones are [used, managed).
   int const used = s_used;
   int const free_slots = a.managed - used;
   int const to_free = misses < free_slots ? misses : free_slots;
-  for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { ins_slot[i] = used + i; }
 
-  // 4. Victims for the rest, then the inserts.
-  int inserted = to_free;
-  auto insert = [&](int i) {
-    std::int32_t const s = ins_slot[i];
-    std::int32_t const key = ins_key[i];
+  // 4. Inserts: into the free slots, then into victims as they are chosen.
+  auto insert = [&](int i, std::int32_t s) {
+    std::int32_t const key = inserted_key(i);
     std::int32_t const evicted = fast ? s_key_of[s] : key_of[s];
     if (evicted >= 0) { slot_of[evicted] = -1; }
     key_of[s] = key;
     slot_of[key] = s;
     if (!fast) { pinned[s] = step; }  // the fast path's pins live in shared memory
     policy.on_insert(state, static_cast<std::uint32_t>(s), step);
+    ins_slot[i] = s;
     ins_evicted[i] = evicted;
   };
+  for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { insert(i, used + i); }
+  int inserted = to_free;
   if constexpr (gpu::victim_is_argmin_v<Policy>) {
     if (misses > to_free) {
       unsigned long long* sk = a.sel_key + rm;
       std::int32_t* si = a.sel_idx + rm;
+      // The r-th smallest candidate goes to the (to_free + r)-th miss.
+      auto to_victim = [&](int rank, int sl) { insert(to_free + rank, sl); };
       if (fast) {
         // Candidates: occupied (below `used`) and not pinned by this step.
         inserted += select_smallest(
           a.managed, misses - to_free, [&](int sl) { return s_evict_key[sl]; },
-          [&](int sl) { return sl < used && (s_pins[sl >> 5] & (1u << (sl & 31))) == 0; }, sk, si, ins_slot + to_free,
-          sh);
+          [&](int sl) { return sl < used && (s_pins[sl >> 5] & (1u << (sl & 31))) == 0; }, sk, si, to_victim, sh);
       } else {
         // Eviction keys of the candidates, once, in global scratch: (ordered
         // score bits, stamp); non-candidates (free, i.e. at or past `used`, or
@@ -523,19 +566,16 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         __syncthreads();
         inserted += select_smallest(
           a.managed, misses - to_free, [&](int sl) { return kc[sl]; }, [&](int sl) { return kc[sl] != ~0ull; }, sk,
-          si, ins_slot + to_free, sh);
+          si, to_victim, sh);
       }
     }
-    for (int i = static_cast<int>(threadIdx.x); i < inserted; i += block_threads) { insert(i); }
   } else {
-    for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { insert(i); }
     __syncthreads();
     if (threadIdx.x == 0) {
       for (int i = to_free; i < misses; ++i) {
         std::uint32_t const v = policy.victim(state);
         if (v == cache::no_slot || v >= static_cast<std::uint32_t>(a.managed) || !state.evictable(v)) { break; }
-        ins_slot[i] = static_cast<std::int32_t>(v);
-        insert(i);
+        insert(i, static_cast<std::int32_t>(v));
         ++inserted;
       }
       sh.count = inserted;
@@ -543,7 +583,9 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     __syncthreads();
     inserted = sh.count;
   }
-  for (int i = inserted + static_cast<int>(threadIdx.x); i < misses; i += block_threads) { slot_of[ins_key[i]] = -1; }
+  for (int i = inserted + static_cast<int>(threadIdx.x); i < misses; i += block_threads) {
+    slot_of[inserted_key(i)] = -1;
+  }
   __syncthreads();
 
   // 5. Every occurrence of a miss gets its key's slot (-1 when bypassed); row pointers.
@@ -771,7 +813,8 @@ __global__ void __launch_bounds__(block_threads) block_lfu_step_kernel(block_arg
       std::int32_t const b = distinct[i];
       return (static_cast<unsigned long long>(~count[b]) << 32) | static_cast<std::uint32_t>(b);
     },
-    [&](int) { return true; }, a.sel_key + seq * entries, a.sel_idx + seq * entries, ranked, sh);
+    [&](int) { return true; }, a.sel_key + seq * entries, a.sel_idx + seq * entries,
+    [&](int rank, int i) { ranked[rank] = i; }, sh);
   for (int i = static_cast<int>(threadIdx.x); i < kept; i += block_threads) { ranked[i] = distinct[ranked[i]]; }
   __syncthreads();
   for (int i = static_cast<int>(threadIdx.x); i < nd; i += block_threads) { count[distinct[i]] = 0; }
