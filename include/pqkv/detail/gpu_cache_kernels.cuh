@@ -48,6 +48,7 @@ using block_scan_u64 = cub::BlockScan<unsigned long long, block_threads>;
 using block_reduce_range = cub::BlockReduce<key_range, block_threads>;
 using block_reduce_int = cub::BlockReduce<int, block_threads>;
 using block_sort = cub::BlockRadixSort<unsigned long long, block_threads, scan_items, std::int32_t>;
+using block_sort_small = cub::BlockRadixSort<unsigned long long, block_threads, 1, std::int32_t>;
 
 struct shared_scratch {
   union {
@@ -64,6 +65,7 @@ struct shared_scratch {
       std::int32_t idx[tile];
     } sel;
     block_sort::TempStorage sort;
+    block_sort_small::TempStorage sort_small;
   } order;
   /// The first tile of a step's inserted keys (the slot table's misses).
   std::int32_t ins_key[tile];
@@ -122,8 +124,10 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// select of the threshold key T, 8 bits a pass from the highest bit where
 /// the candidates differ, stopping early once the chosen bucket is taken
 /// whole; one ordered compaction of the keys below T and the first keys equal
-/// to T; then a stable block radix sort over the bits that still differ (a
-/// tile at most; a rank sort beyond).
+/// to T; then a stable block radix sort over the bits that still differ (one
+/// pair per thread up to block_threads pairs, a tile at most; pairs that
+/// differ in many bits are ranked against each other instead; a rank sort in
+/// global scratch beyond a tile).
 template <class KeyAt, class Cand, class Emit>
 __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
                                std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
@@ -222,12 +226,14 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
   // The selected pairs in index order: rank = keys below T before i + the
   // taken keys equal to T before i. One scan of packed (equal, below) counts.
   bool const in_smem = r <= tile;
+  constexpr int pair_items = 2 * scan_items;  // 4096 candidates a pass
+  constexpr int pair_tile = block_threads * pair_items;
   unsigned long long off = 0;  // (equal << 32) | below, over the previous tiles
-  for (int base = 0; base < n; base += tile) {
-    unsigned long long flags[scan_items], ranks[scan_items], key[scan_items];
+  for (int base = 0; base < n; base += pair_tile) {
+    unsigned long long flags[pair_items], ranks[pair_items], key[pair_items];
 #pragma unroll
-    for (int u = 0; u < scan_items; ++u) {
-      int const i = base + static_cast<int>(threadIdx.x) * scan_items + u;
+    for (int u = 0; u < pair_items; ++u) {
+      int const i = base + static_cast<int>(threadIdx.x) * pair_items + u;
       flags[u] = 0;
       key[u] = 0;
       if (i < n && cand(i)) {
@@ -238,14 +244,14 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
     unsigned long long tile_total = 0;
     block_scan_u64(sh.temp.scan64).ExclusiveSum(flags, ranks, tile_total);
 #pragma unroll
-    for (int u = 0; u < scan_items; ++u) {
+    for (int u = 0; u < pair_items; ++u) {
       if (flags[u] == 0) { continue; }
       unsigned long long const before = off + ranks[u];
       auto const below = static_cast<int>(before & 0xFFFFFFFFull);
       auto const equal = static_cast<int>(before >> 32);
       if (flags[u] != 1ull && equal >= take_equal) { continue; }
       int const pos = below + (equal < take_equal ? equal : take_equal);
-      int const i = base + static_cast<int>(threadIdx.x) * scan_items + u;
+      int const i = base + static_cast<int>(threadIdx.x) * pair_items + u;
       if (in_smem) {
         sh.order.sel.key[pos] = key[u];
         sh.order.sel.idx[pos] = i;
@@ -270,7 +276,14 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
       key[u] = p < r ? sh.order.sel.key[p] - lo : ~0ull;
       idx[u] = p < r ? sh.order.sel.idx[p] : -1;
     }
-    if (bits > 16 && r <= block_threads) {
+    if (bits == 0) {
+      // All keys equal: index order is the order.
+#pragma unroll
+      for (int u = 0; u < scan_items; ++u) {
+        int const p = static_cast<int>(threadIdx.x) * scan_items + u;
+        if (p < r) { emit(p, idx[u]); }
+      }
+    } else if (bits > 16 && r <= block_threads) {
       // Many radix passes for few pairs: rank each pair against the others
       // instead (shared-memory broadcasts; index order breaks key ties).
       int const i = static_cast<int>(threadIdx.x);
@@ -283,9 +296,17 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         }
         emit(rank, sh.order.sel.idx[i]);
       }
+    } else if (r <= block_threads) {
+      // One pair per thread: a quarter of the tile sort's work per pass.
+      int const i = static_cast<int>(threadIdx.x);
+      unsigned long long key1[1] = {i < r ? sh.order.sel.key[i] - lo : ~0ull};
+      std::int32_t idx1[1] = {i < r ? sh.order.sel.idx[i] : -1};
+      __syncthreads();  // the sort's storage overlays the pairs
+      block_sort_small(sh.order.sort_small).Sort(key1, idx1, 0, bits);
+      if (i < r) { emit(i, idx1[0]); }
     } else {
       __syncthreads();  // the sort's storage overlays the pairs
-      if (bits > 0) { block_sort(sh.order.sort).Sort(key, idx, 0, bits); }
+      block_sort(sh.order.sort).Sort(key, idx, 0, bits);
 #pragma unroll
       for (int u = 0; u < scan_items; ++u) {
         int const p = static_cast<int>(threadIdx.x) * scan_items + u;
@@ -403,23 +424,26 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   if (fast) {
     float const* score = a.score + rm;
     std::uint32_t const* stamp = a.stamp + rm;
-    for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
-      float sc[scan_items];
-      std::uint32_t stp[scan_items];
-      std::int32_t kof[scan_items];
+    // 8 slots per thread in flight: the loads are one round trip per 4096 slots.
+    constexpr int preload_items = 8;
+    for (int s0 = static_cast<int>(threadIdx.x); s0 < a.managed; s0 += block_threads * preload_items) {
+      float sc[preload_items];
+      std::uint32_t stp[preload_items];
+      std::int32_t kof[preload_items];
 #pragma unroll
-      for (int u = 0; u < scan_items; ++u) {
-        int const sl = s0 + u < a.managed ? s0 + u : a.managed - 1;
+      for (int u = 0; u < preload_items; ++u) {
+        int const at = s0 + u * block_threads;
+        int const sl = at < a.managed ? at : a.managed - 1;
         sc[u] = score[sl];
         stp[u] = stamp[sl];
         kof[u] = key_of[sl];
       }
 #pragma unroll
-      for (int u = 0; u < scan_items; ++u) {
-        if (s0 + u >= a.managed) { continue; }
-        unsigned long long const k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
-        s_evict_key[s0 + u] = k;
-        s_key_of[s0 + u] = kof[u];
+      for (int u = 0; u < preload_items; ++u) {
+        int const at = s0 + u * block_threads;
+        if (at >= a.managed) { continue; }
+        s_evict_key[at] = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+        s_key_of[at] = kof[u];
       }
     }
     for (int w = static_cast<int>(threadIdx.x); w < (a.managed + 31) / 32; w += block_threads) { s_pins[w] = 0; }
