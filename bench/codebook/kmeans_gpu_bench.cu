@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // pqkv::gpu::kmeans_trainer and pqkv::gpu::pq_encoder on one layer of a
 // Llama-3.1-8B-like model: 8 KV heads, d = 128, float keys.
-// Args: tokens, m, nbits.
+// Args: tokens, m, nbits, path (0: the FP32 / SIMT assignment, 1: the
+// tensor-core assignment with exact re-check; m = 16 (dsub 8) has no
+// tensor-core path). Counter fallback_rows (path 1): the fraction of row
+// assignments in one call that took the exact fallback scan.
 //   BM_gpu_kmeans_train   20 Lloyd iterations (tol = 0) from a provided init
 //                         (centroid k of each (head, subspace) = training row
 //                         k * tokens / ksub); the timed call copies the init
@@ -66,6 +69,25 @@ __global__ void fill_init(float* c, float const* keys, index_t tokens, index_t m
   }
 }
 
+/// The assignment path of argument `path`.
+pqkv::gpu::assign_path path_of(long path)
+{
+  return path == 1 ? pqkv::gpu::assign_path::tensor_core : pqkv::gpu::assign_path::simt;
+}
+
+/// A zeroed device counter of fallback rows.
+struct fallback_counter {
+  pqkv::device_buffer<unsigned long long> buf{1};
+  fallback_counter() { reset(); }
+  void reset() { PQKV_CUDA_TRY(cudaMemset(buf.data(), 0, sizeof(unsigned long long))); }
+  [[nodiscard]] double read()
+  {
+    unsigned long long v = 0;
+    PQKV_CUDA_TRY(cudaMemcpy(&v, buf.data(), sizeof(v), cudaMemcpyDeviceToHost));
+    return static_cast<double>(v);
+  }
+};
+
 /// A stream with a CUDA-event timer on it.
 struct timer {
   pqkv::bench::owned_stream owned;
@@ -79,7 +101,9 @@ void BM_gpu_kmeans_train(benchmark::State& state)
   int const nbits = static_cast<int>(state.range(2));
   pqkv::pq_config const cfg{
     .dim = dim, .m = m, .nbits = nbits, .max_iter = 20, .tol = 0, .init = pqkv::init_method::provided};
-  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  fallback_counter fb;
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens},
+                                     {.path = path_of(state.range(3)), .fallback_counter = fb.buf.data()}};
   std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
   pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * tokens * dim)), init(nc), cent(nc);
   pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
@@ -97,6 +121,10 @@ void BM_gpu_kmeans_train(benchmark::State& state)
   };
   std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
   auto const rep = tr.report(ws.span(), tm.stream);
+  fb.reset();
+  call();
+  PQKV_CUDA_TRY(cudaStreamSynchronize(tm.stream));
+  state.counters["fallback_rows"] = fb.read() / static_cast<double>((cfg.max_iter + 1) * heads * tokens * m);
   state.counters["median_ms"] = pqkv::test::median(times);
   state.counters["mse"] = rep.mse;
   state.counters["iterations"] = rep.iterations;
@@ -137,7 +165,8 @@ void BM_gpu_encode(benchmark::State& state)
   index_t const tokens = state.range(0), m = state.range(1);
   int const nbits = static_cast<int>(state.range(2));
   pqkv::pq_config const cfg{.dim = dim, .m = m, .nbits = nbits};
-  pqkv::gpu::pq_encoder const enc{cfg};
+  fallback_counter fb;
+  pqkv::gpu::pq_encoder const enc{cfg, {.path = path_of(state.range(3)), .fallback_counter = fb.buf.data()}};
   std::size_t const nc = static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub());
   pqkv::device_buffer<float> keys(static_cast<std::size_t>(heads * tokens * dim)), cent(nc);
   pqkv::device_buffer<std::uint8_t> codes(static_cast<std::size_t>(heads * tokens * m));
@@ -153,6 +182,10 @@ void BM_gpu_encode(benchmark::State& state)
                pqkv::make_view(codes.data(), heads, tokens, m), tm.stream);
   };
   std::vector<double> times = pqkv::bench::timed_loop(state, tm.events, call);
+  fb.reset();
+  call();
+  PQKV_CUDA_TRY(cudaStreamSynchronize(tm.stream));
+  state.counters["fallback_rows"] = fb.read() / static_cast<double>(heads * tokens * m);
   state.counters["median_us"] = pqkv::test::median(times) * 1e3;
   state.SetItemsProcessed(state.iterations() * heads * tokens);
   state.SetBytesProcessed(state.iterations() * heads * tokens * dim * static_cast<index_t>(sizeof(float)));
@@ -190,7 +223,12 @@ void train_args(benchmark::internal::Benchmark* b)
 {
   for (long const tokens : {32768L, 131072L, 1048576L}) {
     for (long const m : {2L, 8L, 16L}) {
-      for (long const bits : {6L, 8L}) { b->Args({tokens, m, bits}); }
+      for (long const bits : {6L, 8L}) {
+        for (long const path : {0L, 1L}) {
+          if (path == 1 && m == 16) { continue; }  // dsub 8: no tensor-core path
+          b->Args({tokens, m, bits, path});
+        }
+      }
     }
   }
 }

@@ -48,6 +48,11 @@
 /// call that reads results back to the host (and synchronizes the stream).
 /// The output centroids double as the working centroids during training.
 ///
+/// Assignment engine: `assign_tuning` (encode/encode.cuh). The tensor-core
+/// path (dsub >= 16, ksub >= 32 under `automatic`) gives the same assignment
+/// as the FP32 one (candidates under an error bound, re-checked with the
+/// gemm-form chain; detail/assign_tc_kernels.cuh).
+///
 /// Supported shapes: dsub = dim / m in {4, 8, 16, 32, 64, 128}, nbits 1..8,
 /// dim <= 4096. With `max_train_points`, the draw of the training rows is
 /// the reference's sequential shuffle, done by one GPU thread per head: it
@@ -161,7 +166,8 @@ class kmeans_trainer {
   /// Validates the config and limits (dsub supported, max_train_points 0 or
   /// >= ksub) and raises the kernels' shared-memory
   /// limits on the current device; throws `pqkv::error`.
-  kmeans_trainer(pq_config const& cfg, kmeans_limits const& limits) : cfg_{cfg}, limits_{limits}
+  kmeans_trainer(pq_config const& cfg, kmeans_limits const& limits, assign_tuning const& tuning = {})
+      : cfg_{cfg}, limits_{limits}, tuning_{tuning}
   {
     constexpr char const* where = "gpu::kmeans_trainer";
     cfg_.validate(where);
@@ -184,10 +190,24 @@ class kmeans_trainer {
     slots_ = static_cast<index_t>(sms_) *
              pqkv::detail::kmeans_gpu::assign_occupancy(static_cast<int>(cfg_.dsub()), static_cast<int>(cfg_.ksub()));
     workspace_bytes_ = kmeans_workspace_size(cfg_, limits_.max_heads, limits_.max_tokens);
+    tc_ = use_tensor_cores(tuning_, cfg_.dsub(), cfg_.ksub(), where);
+    if (tuning_.fallback_counter != nullptr) {
+      pqkv::detail::gpu_check::expect_device_pointer(tuning_.fallback_counter, where, "tuning.fallback_counter");
+    }
+    if (tc_) {
+      namespace tc = pqkv::detail::assign_tc;
+      PQKV_EXPECTS(tc::smem_bytes(static_cast<int>(cfg_.dsub())) <= static_cast<std::size_t>(optin), where,
+                   "the tensor-core path needs ", tc::smem_bytes(static_cast<int>(cfg_.dsub())),
+                   " bytes of shared memory; the device allows ", optin);
+      tc::prepare<float, tc::chain::gemm, true>(static_cast<int>(cfg_.dsub()));
+    }
   }
 
   [[nodiscard]] pq_config const& config() const noexcept { return cfg_; }
   [[nodiscard]] kmeans_limits const& limits() const noexcept { return limits_; }
+  [[nodiscard]] assign_tuning const& tuning() const noexcept { return tuning_; }
+  /// Whether the assignment step runs on the tensor cores.
+  [[nodiscard]] bool uses_tensor_cores() const noexcept { return tc_; }
   /// Bytes of workspace a call up to the limits needs (256-byte aligned start).
   [[nodiscard]] std::size_t workspace_bytes() const noexcept { return workspace_bytes_; }
 
@@ -370,11 +390,37 @@ class kmeans_trainer {
     if (kpp) {
       for (int k = 1; k < a.ksub; ++k) { kern::launch_kpp(a, k, stream); }
     }
-    kern::launch_assign(a, stream);
+    // The assignment step: on the tensor cores (exact candidates, then the
+    // assign kernel only sums) or wholly on the FP32 tile engine.
+    namespace tc = pqkv::detail::assign_tc;
+    tc::args<float> ta{};
+    if (tc_) {
+      a.preassigned = 1;
+      ta.x = a.xp;
+      ta.s0 = static_cast<index_t>(a.m) * n * a.dsub;
+      ta.ss = n * a.dsub;
+      ta.s1 = a.dsub;
+      ta.s2 = 1;
+      ta.centroids = a.c;
+      ta.n = n;
+      ta.m = a.m;
+      ta.ksub = a.ksub;
+      ta.tiles_per_block = tc::tiles_per_block(problems, n, sms_);
+      ta.assign = a.assign;
+      ta.dist = a.dist;
+      ta.xn = a.xn;
+      ta.active = a.active;
+      ta.fallbacks = tuning_.fallback_counter;
+    }
+    auto assign_step = [&] {
+      if (tc_) { tc::launch<float, tc::chain::gemm, true>(ta, a.dsub, static_cast<int>(problems), stream); }
+      kern::launch_assign(a, stream);
+    };
+    assign_step();
     for (int it = 1; it <= a.max_iter; ++it) {
       kern::step_kernel<><<<static_cast<unsigned>(problems), 256, 0, stream>>>(a, it);
       PQKV_CUDA_CHECK_LAST();
-      kern::launch_assign(a, stream);
+      assign_step();
     }
     kern::step_kernel<><<<static_cast<unsigned>(problems), 256, 0, stream>>>(a, a.max_iter + 1);
     PQKV_CUDA_CHECK_LAST();
@@ -387,6 +433,8 @@ class kmeans_trainer {
 
   pq_config cfg_;
   kmeans_limits limits_;
+  assign_tuning tuning_;
+  bool tc_ = false;
   int sms_ = 132;
   index_t slots_ = 132;  ///< resident assign blocks on the device
   std::size_t workspace_bytes_ = 0;

@@ -91,6 +91,7 @@ struct args {
   index_t heads, tokens, n;
   int m, dsub, ksub, dim;
   int bpp;                    // assign blocks per problem
+  int preassigned;            // 1: assign/dist were written by the tensor-core pass; assign only sums
   index_t rows_per_block;     // multiple of bm, <= block_rows_max
   int max_iter;
   double tol;
@@ -481,7 +482,10 @@ __device__ __forceinline__ int fixed_shift(std::uint32_t amax_bits)
 
 /// grid (P, bpp), 256 threads: assigns rows [by * rows_per_block, ...) of
 /// problem P to the current centroids; writes assign/dist, adds sums and
-/// counts, and the block's objective to part_obj[P][by].
+/// counts, and the block's objective to part_obj[P][by]. With
+/// `preassigned`, the assignment and distances come from the tensor-core
+/// kernel (detail/assign_tc_kernels.cuh) launched just before, and this
+/// kernel only sums.
 template <int Dsub, int Tn>
 __global__ void __launch_bounds__(ng::threads, Dsub >= 64 ? 1 : 2) assign_kernel(args a)
 {
@@ -537,22 +541,38 @@ __global__ void __launch_bounds__(ng::threads, Dsub >= 64 ? 1 : 2) assign_kernel
       xs[ch * ng::xs_stride + r] = t < r1 ? x[t * Dsub + ch] : 0.f;
     }
     __syncthreads();
-    float best[ng::tm];
-    int bidx[ng::tm];
-    ng::tile_argmin<Dsub, Tn, ng::form::gemm>(cs, cn, kpad, a.ksub, xs, ty, tx, best, bidx);
-    if (tx == 0) {
+    if (a.preassigned != 0) {  // the tensor-core pass wrote assign and dist for these rows
+      if (tx == 0) {
 #pragma unroll
-      for (int i = 0; i < ng::tm; ++i) {
-        int const r = ty * ng::tm + i;
-        index_t const t = t0 + r;
-        if (t < r1) {
-          float const d = fmaxf(0.f, __fadd_rn(best[i], xn[t]));
-          a.dist[p * a.n + t] = d;
-          a.assign[p * a.n + t] = static_cast<std::uint8_t>(bidx[i]);
-          obj += static_cast<double>(d);
-          scode[r] = bidx[i];
-        } else {
-          scode[r] = -1;
+        for (int i = 0; i < ng::tm; ++i) {
+          int const r = ty * ng::tm + i;
+          index_t const t = t0 + r;
+          if (t < r1) {
+            obj += static_cast<double>(a.dist[p * a.n + t]);
+            scode[r] = a.assign[p * a.n + t];
+          } else {
+            scode[r] = -1;
+          }
+        }
+      }
+    } else {
+      float best[ng::tm];
+      int bidx[ng::tm];
+      ng::tile_argmin<Dsub, Tn, ng::form::gemm>(cs, cn, kpad, a.ksub, xs, ty, tx, best, bidx);
+      if (tx == 0) {
+#pragma unroll
+        for (int i = 0; i < ng::tm; ++i) {
+          int const r = ty * ng::tm + i;
+          index_t const t = t0 + r;
+          if (t < r1) {
+            float const d = fmaxf(0.f, __fadd_rn(best[i], xn[t]));
+            a.dist[p * a.n + t] = d;
+            a.assign[p * a.n + t] = static_cast<std::uint8_t>(bidx[i]);
+            obj += static_cast<double>(d);
+            scode[r] = bidx[i];
+          } else {
+            scode[r] = -1;
+          }
         }
       }
     }

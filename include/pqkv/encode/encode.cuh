@@ -22,6 +22,13 @@
 /// encoder throws on NaN/Inf; here such a key yields an unspecified code).
 /// Supported shapes: dsub = dim / m in {4, 8, 16, 32, 64, 128} (m = 1..32 at
 /// d = 128), nbits 1..8.
+///
+/// Paths: the FP32 (SIMT) tile engine evaluates every distance with the
+/// reference's chain; the tensor-core path (detail/assign_tc_kernels.cuh)
+/// finds candidates with BF16 MMAs under a rigorous error bound and
+/// re-checks them with the same chain, so both give the same codes. `auto`
+/// takes the tensor cores for dsub >= 16 and ksub >= 32 (and, for append,
+/// at least 64 new tokens); `assign_tuning` forces either.
 
 #include <pqkv/codebook/codebook.hpp>
 #include <pqkv/core/concepts.hpp>
@@ -30,6 +37,7 @@
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
+#include <pqkv/detail/assign_tc_kernels.cuh>
 #include <pqkv/detail/encode_gpu_kernels.cuh>
 
 #include <cuda_runtime_api.h>
@@ -61,6 +69,33 @@ inline void expect_device_pointer(void const* p, char const* where, char const* 
 
 namespace pqkv::gpu {
 
+/// Which nearest-centroid engine a GPU encoder or trainer uses.
+enum class assign_path {
+  automatic,    ///< tensor cores where they pay (measured: nowhere yet), FP32 otherwise
+  simt,         ///< FP32 units: every distance by the reference's chain
+  tensor_core,  ///< BF16 candidates + exact re-check (throws where unsupported)
+};
+
+/// Tuning of the assignment step (`pq_encoder`, `kmeans_trainer`).
+struct assign_tuning {
+  assign_path path = assign_path::automatic;
+  /// Optional device counter: the tensor-core path adds the number of rows
+  /// that took its exact fallback scan (too many near-tied candidates).
+  unsigned long long* fallback_counter = nullptr;
+};
+
+/// Whether `t` selects the tensor-core path for (dsub, ksub); throws where it is forced but unsupported.
+[[nodiscard]] inline bool use_tensor_cores(assign_tuning const& t, index_t dsub, index_t ksub, char const* where)
+{
+  namespace tc = pqkv::detail::assign_tc;
+  if (t.path == assign_path::tensor_core) {
+    PQKV_EXPECTS(tc::supported(dsub, ksub), where, "assign_path::tensor_core needs dsub in {16, 32, 64, 128} and ",
+                 "ksub in [16, 256]; dsub=", dsub, ", ksub=", ksub);
+    return true;
+  }
+  return t.path == assign_path::automatic && tc::pays(dsub, ksub);
+}
+
 /// GPU PQ encoder for one `pq_config`; models `pqkv::Encoder` with
 /// `(cudaStream_t)` and with `(std::span<std::byte>, cudaStream_t)`.
 class pq_encoder {
@@ -68,12 +103,16 @@ class pq_encoder {
   /// Validates `config` (and that dsub is one the kernels are built for) and
   /// raises the kernels' shared-memory limit on the current device; throws
   /// `pqkv::error`. Calls must run on the device that was current here.
-  explicit pq_encoder(pq_config const& config) : config_{config}
+  explicit pq_encoder(pq_config const& config, assign_tuning const& tuning = {}) : config_{config}, tuning_{tuning}
   {
     constexpr char const* where = "gpu::pq_encoder";
     config_.validate(where);
     PQKV_EXPECTS(pqkv::detail::nearest_gpu::dsub_supported(config_.dsub()), where, "dim / m=", config_.dsub(),
                  " is not one of 4, 8, 16, 32, 64, 128");
+    tc_ = use_tensor_cores(tuning_, config_.dsub(), config_.ksub(), where);
+    if (tuning_.fallback_counter != nullptr) {
+      pqkv::detail::gpu_check::expect_device_pointer(tuning_.fallback_counter, where, "tuning.fallback_counter");
+    }
     namespace kern = pqkv::detail::nearest_gpu;
     int const dsub = static_cast<int>(config_.dsub()), ksub = static_cast<int>(config_.ksub());
     int device = 0, sms = 0, optin = 0;
@@ -92,9 +131,27 @@ class pq_encoder {
 #if defined(PQKV_HAS_BF16)
     kern::prepare_encode<__nv_bfloat16>(dsub, ksub);
 #endif
+    if (tc_) {
+      namespace tc = pqkv::detail::assign_tc;
+      PQKV_EXPECTS(tc::smem_bytes(dsub) <= static_cast<std::size_t>(optin), where, "the tensor-core path needs ",
+                   tc::smem_bytes(dsub), " bytes of shared memory; the device allows ", optin);
+      tc::prepare<float, tc::chain::exact, false>(dsub);
+#if defined(PQKV_HAS_HALF)
+      tc::prepare<__half, tc::chain::exact, false>(dsub);
+#endif
+#if defined(PQKV_HAS_BF16)
+      tc::prepare<__nv_bfloat16, tc::chain::exact, false>(dsub);
+#endif
+    }
   }
 
   [[nodiscard]] pq_config const& config() const noexcept { return config_; }
+  [[nodiscard]] assign_tuning const& tuning() const noexcept { return tuning_; }
+  /// Whether a call of `tokens` rows per head takes the tensor-core path.
+  [[nodiscard]] bool uses_tensor_cores(index_t tokens) const noexcept
+  {
+    return tc_ && (tuning_.path == assign_path::tensor_core || tokens >= tc_min_tokens);
+  }
   /// Scratch a call needs: none.
   [[nodiscard]] static constexpr std::size_t workspace_bytes() noexcept { return 0; }
 
@@ -182,6 +239,31 @@ class pq_encoder {
     pqkv::detail::gpu_check::expect_device_pointer(centroids.data_handle(), where, "centroids.data_handle()");
     pqkv::detail::gpu_check::expect_device_pointer(codes.data_handle(), where, "codes.data_handle()");
 
+    if (uses_tensor_cores(tokens)) {
+      namespace tc = pqkv::detail::assign_tc;
+      tc::args<Key> t{};
+      t.x = keys.data_handle();
+      t.s0 = keys.stride(0);
+      t.s1 = keys.stride(1);
+      t.s2 = keys.stride(2);
+      t.ss = config_.dsub() * keys.stride(2);
+      t.centroids = centroids.data_handle();
+      t.n = tokens;
+      t.m = static_cast<int>(m);
+      t.ksub = static_cast<int>(config_.ksub());
+      t.tiles_per_block = tc::tiles_per_block(heads * m, tokens, sms_);
+      t.codes = codes.data_handle();
+      t.capacity = codes.extent(1);
+      t.position = position;
+      t.position_dev = position_dev;
+      t.fallbacks = tuning_.fallback_counter;
+      index_t const grid_y = ((tokens + tc::rows - 1) / tc::rows + t.tiles_per_block - 1) / t.tiles_per_block;
+      PQKV_EXPECTS(grid_y <= 65535 && heads * m <= 2147483647, where, "tokens=", tokens, " need ", grid_y,
+                   " blocks per problem (> 65535)");
+      tc::launch<Key, tc::chain::exact, false>(t, static_cast<int>(config_.dsub()), static_cast<int>(heads * m),
+                                                stream);
+      return;
+    }
     kern::encode_args<Key> a{};
     a.keys = keys.data_handle();
     a.s0 = keys.stride(0);
@@ -208,7 +290,11 @@ class pq_encoder {
                         stream);
   }
 
+  static constexpr index_t tc_min_tokens = 64;  ///< `automatic`: fewer rows per head stay on the FP32 path
+
   pq_config config_;
+  assign_tuning tuning_;
+  bool tc_ = false;
   int sms_ = 132;
   index_t slots_ = 132;  ///< resident encode blocks on the device
 };

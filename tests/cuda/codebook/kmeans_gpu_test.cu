@@ -6,7 +6,10 @@
 // half / bf16 / strided keys; bad inputs throw before any launch; k-means++
 // init draws the CPU's centroids bit for bit (every dsub, several group and
 // stage boundaries, subsample, half / bf16, duplicate rows), then Lloyd from
-// it reaches the CPU's MSE within 1%.
+// it reaches the CPU's MSE within 1%. The tensor-core assignment equals the
+// FP32 one and the CPU's bit for bit (random, large offset, near-tied
+// centroids that force the counted exact fallback), and Lloyd on either path
+// gives bit-identical centroids.
 #include <pqkv/codebook/kmeans.cuh>
 #include <pqkv/codebook/kmeans.hpp>
 #include <pqkv/core/device_buffer.cuh>
@@ -80,7 +83,7 @@ run_result run_cpu(pqkv::pq_config const& cfg, std::vector<float> const& keys, i
 
 template <class Key = float>
 run_result run_gpu(pqkv::pq_config const& cfg, std::vector<Key> const& keys, index_t heads, index_t tokens,
-                   std::vector<float> const& init, bool with_codes)
+                   std::vector<float> const& init, bool with_codes, pqkv::gpu::assign_tuning const& tuning = {})
 {
   run_result r;
   std::size_t const nc = static_cast<std::size_t>(heads * cfg.m * cfg.ksub() * cfg.dsub());
@@ -89,7 +92,7 @@ run_result run_gpu(pqkv::pq_config const& cfg, std::vector<Key> const& keys, ind
   auto dk = upload(keys);
   auto dc = upload(c0);
   pqkv::device_buffer<std::uint8_t> dcodes(static_cast<std::size_t>(heads * tokens * cfg.m));
-  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}, tuning};
   pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
   auto const kv = pqkv::make_view(static_cast<Key const*>(dk.data()), heads, tokens, cfg.dim);
   auto const cv = pqkv::make_view(dc.data(), heads, cfg.m, cfg.ksub(), cfg.dsub());
@@ -154,6 +157,44 @@ pqkv::pq_config small_config(index_t dim, index_t m, int nbits, int iters, pqkv:
   cfg.seed = 99;
   cfg.init = init;
   return cfg;
+}
+
+
+/// "" when equal, else the first (head, token, subspace) whose code differs.
+std::string first_code_difference(std::vector<std::uint8_t> const& got, std::vector<std::uint8_t> const& want,
+                                  index_t tokens, index_t m)
+{
+  if (got.size() != want.size()) { return "sizes differ"; }
+  for (std::size_t e = 0; e < got.size(); ++e) {
+    if (got[e] != want[e]) {
+      auto const i = static_cast<index_t>(e);
+      return "head " + std::to_string(i / (tokens * m)) + " token " + std::to_string(i / m % tokens) + " subspace " +
+             std::to_string(i % m) + ": got " + std::to_string(got[e]) + ", want " + std::to_string(want[e]);
+    }
+  }
+  return "";
+}
+
+/// Trains on both GPU paths and the CPU from `init`; checks codes (and, with
+/// iterations, centroids and objectives) agree; returns the TC fallback rows.
+unsigned long long check_assign_paths(pqkv::pq_config const& cfg, std::vector<float> const& keys, index_t heads,
+                                      index_t tokens, std::vector<float> const& init)
+{
+  pqkv::device_buffer<unsigned long long> counter(1);
+  PQKV_CUDA_TRY(cudaMemset(counter.data(), 0, sizeof(unsigned long long)));
+  auto const simt = run_gpu(cfg, keys, heads, tokens, init, true, {.path = pqkv::gpu::assign_path::simt});
+  auto const tc = run_gpu(cfg, keys, heads, tokens, init, true,
+                          {.path = pqkv::gpu::assign_path::tensor_core, .fallback_counter = counter.data()});
+  CHECK_MESSAGE(first_code_difference(tc.codes, simt.codes, tokens, cfg.m) == "", "tensor cores vs FP32");
+  CHECK_MESSAGE(first_difference(cfg, tc.centroids, simt.centroids) == "", "centroids: tensor cores vs FP32");
+  CHECK(tc.report.objective == simt.report.objective);  // the same distances summed in the same order
+  if (cfg.max_iter == 0) {
+    auto const cpu = run_cpu(cfg, keys, heads, tokens, init, true);
+    CHECK_MESSAGE(first_code_difference(tc.codes, cpu.codes, tokens, cfg.m) == "", "tensor cores vs cpu");
+  }
+  unsigned long long fb = 0;
+  PQKV_CUDA_TRY(cudaMemcpy(&fb, counter.data(), sizeof(fb), cudaMemcpyDeviceToHost));
+  return fb;
 }
 
 }  // namespace
@@ -522,4 +563,68 @@ TEST_CASE("gpu kmeans: k-means++ then Lloyd: deterministic, the CPU's MSE within
   cfg.seed += 1;
   auto const c = run_gpu(cfg, keys, heads, tokens, {}, false);
   CHECK(c.report.objective[0] != a.report.objective[0]);
+}
+
+TEST_CASE("gpu kmeans: the tensor-core assignment equals the FP32 one and the CPU's")
+{
+  PQKV_REQUIRE_GPU();
+  struct shape {
+    index_t dim, m;
+    int nbits;
+  };
+  index_t const heads = 2;
+  SUBCASE("random init rows, several (m, nbits); one assignment, then 4 Lloyd iterations")
+  {
+    for (auto const sh : {shape{128, 8, 8}, shape{128, 2, 6}, shape{64, 2, 5}, shape{128, 1, 8}, shape{128, 4, 4}}) {
+      CAPTURE(sh.dim);
+      CAPTURE(sh.m);
+      CAPTURE(sh.nbits);
+      index_t const tokens = 1001;  // not a multiple of the 16-row tile
+      auto const keys = make_keys(heads, tokens, sh.dim, 21);
+      for (int iters : {0, 4}) {
+        CAPTURE(iters);
+        auto const cfg = small_config(sh.dim, sh.m, sh.nbits, iters, pqkv::init_method::provided);
+        check_assign_paths(cfg, keys, heads, tokens, rows_init(cfg, keys, heads, tokens, 22));
+      }
+    }
+  }
+  SUBCASE("a large common offset (cancellation in ||c||^2 - 2 x.c)")
+  {
+    index_t const tokens = 700;
+    auto keys = make_keys(heads, tokens, 128, 23);
+    for (auto& v : keys) { v += 500.f; }
+    auto const cfg = small_config(128, 8, 8, 0, pqkv::init_method::provided);
+    check_assign_paths(cfg, keys, heads, tokens, rows_init(cfg, keys, heads, tokens, 24));
+  }
+  SUBCASE("near-tied centroids force the exact fallback, which is counted")
+  {
+    index_t const tokens = 200;
+    auto const keys = make_keys(heads, tokens, 128, 25);
+    auto const cfg = small_config(128, 8, 6, 0, pqkv::init_method::provided);
+    auto init = rows_init(cfg, keys, heads, tokens, 26);
+    // every centroid of a problem is centroid 0 nudged by a few float units
+    index_t const ksub = cfg.ksub(), dsub = cfg.dsub();
+    for (index_t p = 0; p < heads * cfg.m; ++p) {
+      for (index_t k = 1; k < ksub; ++k) {
+        for (index_t j = 0; j < dsub; ++j) {
+          float const base = init[static_cast<std::size_t>(p * ksub * dsub + j)];
+          init[static_cast<std::size_t>((p * ksub + k) * dsub + j)] =
+            base * (1.f + 0x1p-20f * static_cast<float>((k * 7 + j * 3) % 11 - 5));
+        }
+      }
+    }
+    CHECK(check_assign_paths(cfg, keys, heads, tokens, init) == static_cast<unsigned long long>(heads * tokens * cfg.m));
+  }
+  SUBCASE("path selection")
+  {
+    pqkv::gpu::kmeans_limits const lim{.max_heads = 1, .max_tokens = 64};
+    CHECK(!pqkv::gpu::kmeans_trainer{small_config(128, 8, 8, 1, pqkv::init_method::provided), lim}.uses_tensor_cores());
+    CHECK(!pqkv::gpu::kmeans_trainer{small_config(128, 16, 8, 1, pqkv::init_method::provided), lim}.uses_tensor_cores());
+    CHECK(!pqkv::gpu::kmeans_trainer{small_config(128, 8, 4, 1, pqkv::init_method::provided), lim}.uses_tensor_cores());
+    CHECK(contains(error_message([&] {
+                     pqkv::gpu::kmeans_trainer{small_config(128, 16, 8, 1, pqkv::init_method::provided), lim,
+                                               {.path = pqkv::gpu::assign_path::tensor_core}};
+                   }),
+                   "assign_path::tensor_core"));
+  }
 }

@@ -2,7 +2,11 @@
 // pqkv::gpu::pq_encoder against pqkv::cpu::pq_encoder: identical codes for
 // float / half / bf16 and strided keys over m and nbits (including planted
 // exact ties); append (host or device position, graph replay) equals one
-// full encode; bad inputs throw before any launch.
+// full encode; bad inputs throw before any launch. The tensor-core path
+// equals the FP32 path and the CPU bit for bit on random and adversarial
+// keys (near-tied centroids that force its exact fallback, which is counted;
+// groups of near ties re-checked exactly; a large common offset; huge rows
+// whose bound overflows), float / half / bf16, tokens not a multiple of 16.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/random.hpp>
 #include <pqkv/encode/encode.cuh>
@@ -14,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -81,6 +86,88 @@ void check_equal_to_cpu(index_t heads, index_t tokens, index_t dim, index_t m, i
              pqkv::make_view(static_cast<float const*>(dc.data()), heads, m, cfg.ksub(), cfg.dsub()),
              pqkv::make_view(dcodes.data(), heads, tokens, m), nullptr);
   CHECK(download(dcodes, cpu.size()) == cpu);
+}
+
+
+/// "" when equal, else the first (head, token, subspace) that differs and both codes.
+std::string first_code_difference(std::vector<std::uint8_t> const& got, std::vector<std::uint8_t> const& want,
+                                  index_t tokens, index_t m)
+{
+  if (got.size() != want.size()) { return "sizes differ"; }
+  for (std::size_t e = 0; e < got.size(); ++e) {
+    if (got[e] != want[e]) {
+      auto const i = static_cast<index_t>(e);
+      return "head " + std::to_string(i / (tokens * m)) + " token " + std::to_string(i / m % tokens) + " subspace " +
+             std::to_string(i % m) + ": got " + std::to_string(got[e]) + ", want " + std::to_string(want[e]);
+    }
+  }
+  return "";
+}
+
+/// Codes of the CPU encoder and of the GPU encoder on both paths, and the
+/// rows the tensor-core path sent to its exact fallback.
+struct path_codes {
+  std::vector<std::uint8_t> cpu, simt, tc;
+  unsigned long long fallbacks = 0;
+};
+
+template <class Key>
+path_codes encode_paths(pqkv::pq_config const& cfg, index_t heads, index_t tokens, std::vector<float> const& kf,
+                        std::vector<float> const& cent)
+{
+  auto const keys = convert<Key>(kf);
+  path_codes r;
+  r.cpu.assign(static_cast<std::size_t>(heads * tokens * cfg.m), 0);
+  pqkv::cpu::pq_encoder{cfg}.encode(pqkv::make_view(keys.data(), heads, tokens, cfg.dim),
+                                    pqkv::make_view(cent.data(), heads, cfg.m, cfg.ksub(), cfg.dsub()),
+                                    pqkv::make_view(r.cpu.data(), heads, tokens, cfg.m));
+  auto dk = upload(keys);
+  auto dc = upload(cent);
+  pqkv::device_buffer<unsigned long long> counter(1);
+  PQKV_CUDA_TRY(cudaMemset(counter.data(), 0, sizeof(unsigned long long)));
+  auto const kv = pqkv::make_view(static_cast<Key const*>(dk.data()), heads, tokens, cfg.dim);
+  auto const cv = pqkv::make_view(static_cast<float const*>(dc.data()), heads, cfg.m, cfg.ksub(), cfg.dsub());
+  pqkv::device_buffer<std::uint8_t> dcodes(r.cpu.size());
+  for (auto const path : {pqkv::gpu::assign_path::simt, pqkv::gpu::assign_path::tensor_core}) {
+    PQKV_CUDA_TRY(cudaMemset(dcodes.data(), 0xEE, dcodes.size()));
+    pqkv::gpu::pq_encoder const enc{cfg, {.path = path, .fallback_counter = counter.data()}};
+    REQUIRE(enc.uses_tensor_cores(tokens) == (path == pqkv::gpu::assign_path::tensor_core));
+    enc.encode(kv, cv, pqkv::make_view(dcodes.data(), heads, tokens, cfg.m), nullptr);
+    (path == pqkv::gpu::assign_path::simt ? r.simt : r.tc) = download(dcodes, dcodes.size());
+  }
+  PQKV_CUDA_TRY(cudaMemcpy(&r.fallbacks, counter.data(), sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  return r;
+}
+
+/// Checks TC == SIMT == CPU; returns the fallback count.
+template <class Key>
+unsigned long long check_paths(pqkv::pq_config const& cfg, index_t heads, index_t tokens, std::vector<float> const& kf,
+                               std::vector<float> const& cent)
+{
+  auto const r = encode_paths<Key>(cfg, heads, tokens, kf, cent);
+  CHECK_MESSAGE(first_code_difference(r.simt, r.cpu, tokens, cfg.m) == "", "simt vs cpu");
+  CHECK_MESSAGE(first_code_difference(r.tc, r.cpu, tokens, cfg.m) == "", "tensor cores vs cpu");
+  return r.fallbacks;
+}
+
+/// Centroids [heads, m, ksub, dsub]: groups of `group` near-copies of a random
+/// base (relative perturbation `rel`); group = ksub makes every centroid of a
+/// problem a near tie of every other.
+std::vector<float> near_copies(pqkv::pq_config const& cfg, index_t heads, index_t group, float rel, std::uint64_t seed)
+{
+  index_t const ksub = cfg.ksub(), dsub = cfg.dsub();
+  std::vector<float> c(static_cast<std::size_t>(heads * cfg.m * ksub * dsub));
+  for (index_t p = 0; p < heads * cfg.m; ++p) {
+    for (index_t k = 0; k < ksub; ++k) {
+      index_t const base = p * ksub + k / group * group;
+      for (index_t j = 0; j < dsub; ++j) {
+        float const b = pqkv::test::noise(seed, static_cast<std::uint64_t>(base * dsub + j));
+        float const e = pqkv::test::noise(seed + 1, static_cast<std::uint64_t>((p * ksub + k) * dsub + j));
+        c[static_cast<std::size_t>((p * ksub + k) * dsub + j)] = b + rel * e * (1.f + std::abs(b));
+      }
+    }
+  }
+  return c;
 }
 
 }  // namespace
@@ -198,6 +285,128 @@ TEST_CASE("gpu encoder: append equals a full encode (host position, device posit
     PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
     check_rows(download(codes, codes.size()));
     PQKV_CUDA_TRY(cudaStreamDestroy(stream));
+  }
+}
+
+TEST_CASE("gpu encoder: the tensor-core path equals the FP32 path and the CPU")
+{
+  PQKV_REQUIRE_GPU();
+  struct shape {
+    index_t dim, m;
+    int nbits;
+  };
+  index_t const heads = 2;
+  SUBCASE("random keys, several (m, nbits), float / half / bf16")
+  {
+    for (auto const sh : {shape{128, 1, 8}, shape{128, 2, 6}, shape{128, 8, 8}, shape{64, 2, 5}, shape{128, 4, 4},
+                          shape{32, 2, 7}, shape{128, 8, 6}}) {
+      CAPTURE(sh.dim);
+      CAPTURE(sh.m);
+      CAPTURE(sh.nbits);
+      auto const cfg = config_of(sh.dim, sh.m, sh.nbits);
+      index_t const tokens = 333;  // not a multiple of the 16-row tile
+      auto const kf = make_values(static_cast<std::size_t>(heads * tokens * sh.dim), 40 + static_cast<std::uint64_t>(sh.m));
+      auto cent = make_values(static_cast<std::size_t>(heads * sh.m * cfg.ksub() * cfg.dsub()), 41);
+      // planted exact ties: centroid k + 1 repeats centroid k for every third k
+      for (index_t p = 0; p < heads * sh.m; ++p) {
+        for (index_t k = 0; k + 1 < cfg.ksub(); k += 3) {
+          std::copy_n(cent.begin() + (p * cfg.ksub() + k) * cfg.dsub(), cfg.dsub(),
+                      cent.begin() + (p * cfg.ksub() + k + 1) * cfg.dsub());
+        }
+      }
+      check_paths<float>(cfg, heads, tokens, kf, cent);
+      check_paths<__half>(cfg, heads, 37, kf, cent);
+      check_paths<__nv_bfloat16>(cfg, heads, 37, kf, cent);
+    }
+  }
+  SUBCASE("every centroid a near tie: every row takes the exact fallback")
+  {
+    for (auto const sh : {shape{128, 8, 8}, shape{128, 2, 5}, shape{128, 1, 6}}) {
+      CAPTURE(sh.m);
+      CAPTURE(sh.nbits);
+      auto const cfg = config_of(sh.dim, sh.m, sh.nbits);
+      index_t const tokens = 45;
+      auto const kf = make_values(static_cast<std::size_t>(heads * tokens * sh.dim), 50);
+      auto const cent = near_copies(cfg, heads, cfg.ksub(), 0x1p-18f, 51);
+      CHECK(check_paths<float>(cfg, heads, tokens, kf, cent) == static_cast<unsigned long long>(heads * tokens * sh.m));
+    }
+  }
+  SUBCASE("groups of four near ties: re-checked exactly, few fallbacks")
+  {
+    for (auto const sh : {shape{128, 8, 8}, shape{128, 2, 6}}) {
+      CAPTURE(sh.m);
+      auto const cfg = config_of(sh.dim, sh.m, sh.nbits);
+      index_t const tokens = 301;
+      auto const kf = make_values(static_cast<std::size_t>(heads * tokens * sh.dim), 60);
+      auto const cent = near_copies(cfg, heads, 4, 0x1p-20f, 61);
+      auto const fb = check_paths<float>(cfg, heads, tokens, kf, cent);
+      CHECK(fb < static_cast<unsigned long long>(heads * tokens * sh.m));
+      MESSAGE("fallback rows: ", fb, " of ", heads * tokens * sh.m);
+    }
+  }
+  SUBCASE("a large common offset and huge rows")
+  {
+    auto const cfg = config_of(128, 2, 8);
+    index_t const tokens = 200;
+    auto kf = make_values(static_cast<std::size_t>(heads * tokens * 128), 70);
+    auto cent = make_values(static_cast<std::size_t>(heads * 2 * cfg.ksub() * cfg.dsub()), 71);
+    for (auto& v : kf) { v += 1000.f; }
+    for (auto& v : cent) { v += 1000.f; }
+    check_paths<float>(cfg, heads, tokens, kf, cent);
+    // rows 0..9 of head 0 at 3e18: distances overflow, the bound is not finite
+    for (std::size_t e = 0; e < 10 * 128; ++e) { kf[e] = 3e18f; }
+    CHECK(check_paths<float>(cfg, heads, tokens, kf, cent) >= 20);
+  }
+  SUBCASE("forcing the tensor cores where they are not built throws")
+  {
+    CHECK(contains(error_message([&] {
+                     pqkv::gpu::pq_encoder{config_of(128, 16, 8), {.path = pqkv::gpu::assign_path::tensor_core}};
+                   }),
+                   "assign_path::tensor_core"));
+    CHECK(!pqkv::gpu::pq_encoder{config_of(128, 16, 8)}.uses_tensor_cores(1000));   // dsub 8: FP32
+    CHECK(!pqkv::gpu::pq_encoder{config_of(128, 8, 8)}.uses_tensor_cores(1000));    // automatic: FP32 (measured faster)
+    CHECK(!pqkv::gpu::pq_encoder{config_of(128, 8, 8)}.uses_tensor_cores(3));       // a decode step: FP32
+  }
+}
+
+TEST_CASE("gpu encoder: tensor-core append equals a full encode")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 90, dim = 128, m = 8, cap = 100;
+  auto const cfg = config_of(dim, m, 8);
+  auto const kf = make_values(static_cast<std::size_t>(heads * tokens * dim), 80);
+  auto const cent = make_values(static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub()), 81);
+  auto dk = upload(kf);
+  auto dc = upload(cent);
+  auto const cv = pqkv::make_view(static_cast<float const*>(dc.data()), heads, m, cfg.ksub(), cfg.dsub());
+  pqkv::gpu::pq_encoder const simt{cfg, {.path = pqkv::gpu::assign_path::simt}};
+  pqkv::gpu::pq_encoder const tc{cfg, {.path = pqkv::gpu::assign_path::tensor_core}};
+  pqkv::device_buffer<std::uint8_t> full(static_cast<std::size_t>(heads * tokens * m));
+  simt.encode(pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens, dim), cv,
+              pqkv::make_view(full.data(), heads, tokens, m), nullptr);
+  auto const ref = download(full, full.size());
+  pqkv::device_buffer<std::uint8_t> codes(static_cast<std::size_t>(heads * cap * m));
+  PQKV_CUDA_TRY(cudaMemset(codes.data(), 0xEE, codes.size()));
+  auto const codes_v = pqkv::make_view(codes.data(), heads, cap, m);
+  auto slice = [&](index_t t0, index_t count) {
+    return pqkv::make_strided_view<float const, 3>(dk.data() + t0 * dim, {heads, count, dim}, {tokens * dim, dim, 1});
+  };
+  tc.append(slice(0, 50), cv, codes_v, index_t{0}, nullptr);
+  pqkv::device_buffer<index_t> pos(1);
+  for (index_t t = 50; t < tokens; t += 7) {
+    index_t const count = std::min<index_t>(7, tokens - t);
+    PQKV_CUDA_TRY(cudaMemcpy(pos.data(), &t, sizeof(index_t), cudaMemcpyHostToDevice));
+    tc.append(slice(t, count), cv, codes_v, std::span<index_t const>{pos.data(), 1}, nullptr);
+  }
+  auto const got = download(codes, codes.size());
+  for (index_t h = 0; h < heads; ++h) {
+    for (index_t t = 0; t < cap; ++t) {
+      for (index_t s = 0; s < m; ++s) {
+        auto const g = got[static_cast<std::size_t>((h * cap + t) * m + s)];
+        auto const want = t < tokens ? ref[static_cast<std::size_t>((h * tokens + t) * m + s)] : std::uint8_t{0xEE};
+        if (g != want) { FAIL("code (", h, ", ", t, ", ", s, "): got ", int{g}, ", want ", int{want}); }
+      }
+    }
   }
 }
 
