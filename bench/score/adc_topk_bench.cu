@@ -47,6 +47,79 @@ __global__ void fill_codes(std::uint8_t* p, std::size_t n, std::uint64_t seed, s
   }
 }
 
+/// Random queries and codes (`copies` of each, so timed calls do not reuse a
+/// warm L2), centroids, lengths n, outputs and the workspace of one scorer.
+struct scorer_inputs {
+  scorer_inputs(pqkv::adc_shape const& shape, index_t batch_, index_t n_, index_t k_, std::size_t workspace_bytes)
+      : batch{batch_}, n{n_}, k{k_}, m{shape.m},
+        code_bytes{static_cast<std::size_t>(batch * kv_heads * n * shape.m)},
+        copies{std::clamp<std::size_t>((std::size_t{160} << 20) / code_bytes + 1, 1, 8)},
+        q_count{static_cast<std::size_t>(batch * q_heads * dim)},
+        codes(code_bytes * copies), q(q_count * copies),
+        centroids(static_cast<std::size_t>(kv_heads * shape.m * shape.ksub() * shape.dsub())),
+        lens(static_cast<std::size_t>(batch)), out(static_cast<std::size_t>(batch * kv_heads * k)),
+        valid(static_cast<std::size_t>(batch * kv_heads)), workspace(std::max<std::size_t>(workspace_bytes, 1)),
+        ksub{shape.ksub()}, dsub{shape.dsub()}
+  {
+    fill_codes<<<1024, 256>>>(codes.data(), codes.size(), 1, static_cast<std::uint64_t>(shape.ksub()));
+    PQKV_CUDA_CHECK_LAST();
+    fill_uniform<<<256, 256>>>(q.data(), q.size(), 2);
+    PQKV_CUDA_CHECK_LAST();
+    fill_uniform<<<256, 256>>>(centroids.data(), centroids.size(), 3);
+    PQKV_CUDA_CHECK_LAST();
+    std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
+    PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
+  }
+
+  [[nodiscard]] auto queries(std::size_t c) const
+  {
+    return pqkv::make_view(static_cast<float const*>(q.data()) + c * q_count, batch, q_heads, dim);
+  }
+  [[nodiscard]] std::uint8_t const* code_copy(std::size_t c) const { return codes.data() + c * code_bytes; }
+  [[nodiscard]] auto centroid_view() const
+  {
+    return pqkv::make_view(static_cast<float const*>(centroids.data()), kv_heads, m, ksub, dsub);
+  }
+  [[nodiscard]] std::span<std::int32_t const> seq_lens() const
+  {
+    return {lens.data(), static_cast<std::size_t>(batch)};
+  }
+  [[nodiscard]] auto out_view() { return pqkv::make_view(out.data(), batch, kv_heads, k); }
+  [[nodiscard]] auto valid_view() { return pqkv::make_view(valid.data(), batch, kv_heads); }
+
+  index_t batch, n, k, m;
+  std::size_t code_bytes, copies, q_count;
+  pqkv::device_buffer<std::uint8_t> codes;
+  pqkv::device_buffer<float> q, centroids;
+  pqkv::device_buffer<std::int32_t> lens, out, valid;
+  pqkv::device_buffer<std::byte> workspace;
+  index_t ksub, dsub;
+};
+
+/// Times `call(copy)` on `stream`: stream-launched calls (median_us), then the
+/// same calls captured in one CUDA graph per input copy and replayed, as a
+/// decode loop would (graph_median_us).
+template <class Call>
+void time_stream_and_graph(benchmark::State& state, cudaStream_t stream, std::size_t copies, Call call)
+{
+  pqkv::test::event_timer const timer{stream};
+  std::size_t iter = 0;
+  auto next = [&] { call(iter++ % copies); };
+  std::vector<double> us = pqkv::bench::timed_loop(state, timer, next, 5);
+  for (double& t : us) { t *= 1e3; }
+  state.counters["median_us"] = pqkv::test::median(us);
+  std::vector<pqkv::test::captured_graph> graphs;
+  for (std::size_t c = 0; c < copies; ++c) {
+    graphs.emplace_back(stream, [&] { call(c); });
+  }
+  for (auto const& g : graphs) { g.launch(stream); }
+  std::vector<double> graph_us;
+  for (std::size_t i = 0; i < std::max<std::size_t>(us.size(), 20); ++i) {
+    graph_us.push_back(timer.ms([&] { graphs[i % copies].launch(stream); }) * 1e3);
+  }
+  state.counters["graph_median_us"] = pqkv::test::median(graph_us);
+}
+
 template <class Aggregation>
 void BM_gpu_adc_topk(benchmark::State& state)
 {
@@ -58,60 +131,19 @@ void BM_gpu_adc_topk(benchmark::State& state)
   pqkv::gpu::adc_topk<Aggregation> const op{shape, {.k = k, .sink = sink, .window = window},
                                             {.max_batch = batch, .max_tokens = n, .blocks_per_sm = blocks_per_sm}};
 
-  auto const code_bytes = static_cast<std::size_t>(batch * kv_heads * n * m);
-  std::size_t const copies = std::clamp<std::size_t>((std::size_t{160} << 20) / code_bytes + 1, 1, 8);
-  std::size_t const q_count = static_cast<std::size_t>(batch * q_heads * dim);
-  std::size_t const c_count = static_cast<std::size_t>(kv_heads * m * shape.ksub() * shape.dsub());
-  pqkv::device_buffer<std::uint8_t> codes(code_bytes * copies);
-  pqkv::device_buffer<float> q(q_count * copies), centroids(c_count);
-  pqkv::device_buffer<std::int32_t> lens(static_cast<std::size_t>(batch)), out(static_cast<std::size_t>(batch * kv_heads * k)),
-    valid(static_cast<std::size_t>(batch * kv_heads));
-  pqkv::device_buffer<std::byte> workspace(std::max<std::size_t>(op.workspace_bytes(), 1));
-  fill_codes<<<1024, 256>>>(codes.data(), codes.size(), 1, static_cast<std::uint64_t>(shape.ksub()));
-  PQKV_CUDA_CHECK_LAST();
-  fill_uniform<<<256, 256>>>(q.data(), q.size(), 2);
-  PQKV_CUDA_CHECK_LAST();
-  fill_uniform<<<256, 256>>>(centroids.data(), centroids.size(), 3);
-  PQKV_CUDA_CHECK_LAST();
-  std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
-  PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
-
+  scorer_inputs in{shape, batch, n, k, op.workspace_bytes()};
   pqkv::bench::owned_stream const owned;
   cudaStream_t const stream = owned.get();
-  pqkv::test::event_timer const timer{stream};
-  std::size_t iter = 0;
-  auto call = [&] {
-    std::size_t const c = iter++ % copies;
-    op(pqkv::make_view(static_cast<float const*>(q.data()) + c * q_count, batch, q_heads, dim),
-       pqkv::make_view(static_cast<std::uint8_t const*>(codes.data()) + c * code_bytes, batch, kv_heads, n, m),
-       pqkv::make_view(static_cast<float const*>(centroids.data()), kv_heads, m, shape.ksub(), shape.dsub()),
-       std::span<std::int32_t const>(lens.data(), static_cast<std::size_t>(batch)),
-       pqkv::make_view(out.data(), batch, kv_heads, k), pqkv::make_view(valid.data(), batch, kv_heads),
-       workspace.span(), stream);
-  };
-  std::vector<double> us = pqkv::bench::timed_loop(state, timer, call, 5);
-  for (double& t : us) { t *= 1e3; }
-  state.counters["median_us"] = pqkv::test::median(us);
-
-  // The same call captured in CUDA graphs (one per input copy), as a decode
-  // loop would replay it: launch gaps shrink.
-  std::vector<pqkv::test::captured_graph> graphs;
-  for (std::size_t c = 0; c < copies; ++c) {
-    iter = c;
-    graphs.emplace_back(stream, call);
-  }
-  for (auto const& g : graphs) { g.launch(stream); }
-  std::vector<double> graph_us;
-  for (std::size_t i = 0; i < std::max<std::size_t>(us.size(), 20); ++i) {
-    graph_us.push_back(timer.ms([&] { graphs[i % copies].launch(stream); }) * 1e3);
-  }
-  state.counters["graph_median_us"] = pqkv::test::median(graph_us);
+  time_stream_and_graph(state, stream, in.copies, [&](std::size_t c) {
+    op(in.queries(c), pqkv::make_view(in.code_copy(c), batch, kv_heads, n, m), in.centroid_view(), in.seq_lens(),
+       in.out_view(), in.valid_view(), in.workspace.span(), stream);
+  });
   state.counters["k"] = static_cast<double>(k);
   state.counters["cluster"] = op.cluster_blocks(batch);
   state.counters["active_clusters"] = op.active_clusters(op.cluster_blocks(batch));
   state.counters["active_16"] = op.active_clusters(16);
   state.SetItemsProcessed(state.iterations() * batch * n);
-  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(code_bytes));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(in.code_bytes));
 }
 
 void main_grid(benchmark::internal::Benchmark* b)
@@ -153,23 +185,7 @@ void BM_gpu_adc_topk_paged(benchmark::State& state)
   pqkv::adc_shape const shape{q_heads, kv_heads, dim, m, nbits};
   pqkv::gpu::adc_topk<Aggregation> const op{shape, {.k = k, .sink = sink, .window = window},
                                             {.max_batch = batch, .max_tokens = n}};
-  auto const code_bytes = static_cast<std::size_t>(batch * kv_heads * n * m);
-  std::size_t const copies = std::clamp<std::size_t>((std::size_t{160} << 20) / code_bytes + 1, 1, 8);
-  std::size_t const q_count = static_cast<std::size_t>(batch * q_heads * dim);
-  std::size_t const c_count = static_cast<std::size_t>(kv_heads * m * shape.ksub() * shape.dsub());
-  pqkv::device_buffer<std::uint8_t> codes(code_bytes * copies);
-  pqkv::device_buffer<float> q(q_count * copies), centroids(c_count);
-  pqkv::device_buffer<std::int32_t> lens(static_cast<std::size_t>(batch)), out(static_cast<std::size_t>(batch * kv_heads * k)),
-    valid(static_cast<std::size_t>(batch * kv_heads));
-  pqkv::device_buffer<std::byte> workspace(std::max<std::size_t>(op.workspace_bytes(), 1));
-  fill_codes<<<1024, 256>>>(codes.data(), codes.size(), 1, static_cast<std::uint64_t>(shape.ksub()));
-  PQKV_CUDA_CHECK_LAST();
-  fill_uniform<<<256, 256>>>(q.data(), q.size(), 2);
-  PQKV_CUDA_CHECK_LAST();
-  fill_uniform<<<256, 256>>>(centroids.data(), centroids.size(), 3);
-  PQKV_CUDA_CHECK_LAST();
-  std::vector<std::int32_t> const host_lens(static_cast<std::size_t>(batch), static_cast<std::int32_t>(n));
-  PQKV_CUDA_TRY(cudaMemcpy(lens.data(), host_lens.data(), lens.size_bytes(), cudaMemcpyHostToDevice));
+  scorer_inputs in{shape, batch, n, k, op.workspace_bytes()};
   // The block table: a shuffled permutation of one copy's pages (random
   // codes, so the pool needs no reordering).
   index_t const width = page > 0 ? (n + page - 1) / page : 0;
@@ -185,42 +201,21 @@ void BM_gpu_adc_topk_paged(benchmark::State& state)
 
   pqkv::bench::owned_stream const owned;
   cudaStream_t const stream = owned.get();
-  pqkv::test::event_timer const timer{stream};
-  std::size_t iter = 0;
-  auto call = [&] {
-    std::size_t const c = iter++ % copies;
-    auto const qv = pqkv::make_view(static_cast<float const*>(q.data()) + c * q_count, batch, q_heads, dim);
-    auto const cv = pqkv::make_view(static_cast<float const*>(centroids.data()), kv_heads, m, shape.ksub(), shape.dsub());
-    std::span<std::int32_t const> const lv(lens.data(), static_cast<std::size_t>(batch));
-    auto const ov = pqkv::make_view(out.data(), batch, kv_heads, k);
-    auto const vv = pqkv::make_view(valid.data(), batch, kv_heads);
-    std::uint8_t const* base = codes.data() + c * code_bytes;
+  time_stream_and_graph(state, stream, in.copies, [&](std::size_t c) {
     if (page > 0) {
-      pqkv::paged_codes const paged{pqkv::make_view(base, batch * width, kv_heads, page, m),
+      pqkv::paged_codes const paged{pqkv::make_view(in.code_copy(c), batch * width, kv_heads, page, m),
                                     pqkv::make_view(static_cast<std::int32_t const*>(table_d.data()), batch, width)};
-      op(qv, paged, cv, lv, ov, vv, workspace.span(), stream);
+      op(in.queries(c), paged, in.centroid_view(), in.seq_lens(), in.out_view(), in.valid_view(), in.workspace.span(),
+         stream);
     } else {
-      op(qv, pqkv::make_view(base, batch, kv_heads, n, m), cv, lv, ov, vv, workspace.span(), stream);
+      op(in.queries(c), pqkv::make_view(in.code_copy(c), batch, kv_heads, n, m), in.centroid_view(), in.seq_lens(),
+         in.out_view(), in.valid_view(), in.workspace.span(), stream);
     }
-  };
-  std::vector<double> us = pqkv::bench::timed_loop(state, timer, call, 5);
-  for (double& t : us) { t *= 1e3; }
-  state.counters["median_us"] = pqkv::test::median(us);
-  std::vector<pqkv::test::captured_graph> graphs;
-  for (std::size_t c = 0; c < copies; ++c) {
-    iter = c;
-    graphs.emplace_back(stream, call);
-  }
-  for (auto const& g : graphs) { g.launch(stream); }
-  std::vector<double> graph_us;
-  for (std::size_t i = 0; i < std::max<std::size_t>(us.size(), 20); ++i) {
-    graph_us.push_back(timer.ms([&] { graphs[i % copies].launch(stream); }) * 1e3);
-  }
-  state.counters["graph_median_us"] = pqkv::test::median(graph_us);
+  });
   state.counters["k"] = static_cast<double>(k);
   state.counters["page"] = static_cast<double>(page);
   state.SetItemsProcessed(state.iterations() * batch * n);
-  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(code_bytes));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(in.code_bytes));
 }
 
 void paged_grid(benchmark::internal::Benchmark* b)

@@ -2,6 +2,7 @@
 // The demo's GPU backend (backend.hpp): one layer's prefill and decode steps
 // with pqkv::gpu::kmeans_trainer, pqkv::gpu::pq_encoder and pqkv::gpu::adc_topk.
 #include "backend.hpp"
+#include "common/cuda_util.cuh"
 
 #include <pqkv/codebook/kmeans.cuh>
 #include <pqkv/core/cuda_try.hpp>
@@ -38,37 +39,7 @@ gpu_probe probe_gpu()
 namespace {
 
 /// Two events on a stream: the device time of what is enqueued between them.
-class stage_timer {
- public:
-  explicit stage_timer(cudaStream_t stream) : stream_{stream}
-  {
-    PQKV_CUDA_TRY(cudaEventCreate(&start_));
-    PQKV_CUDA_TRY(cudaEventCreate(&stop_));
-  }
-  ~stage_timer()
-  {
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
-  }
-  stage_timer(stage_timer const&) = delete;
-  stage_timer& operator=(stage_timer const&) = delete;
-
-  template <class F>
-  double ms(F&& enqueue) const
-  {
-    PQKV_CUDA_TRY(cudaEventRecord(start_, stream_));
-    enqueue();
-    PQKV_CUDA_TRY(cudaEventRecord(stop_, stream_));
-    PQKV_CUDA_TRY(cudaEventSynchronize(stop_));
-    float t = 0.f;
-    PQKV_CUDA_TRY(cudaEventElapsedTime(&t, start_, stop_));
-    return static_cast<double>(t);
-  }
-
- private:
-  cudaStream_t stream_;
-  cudaEvent_t start_{}, stop_{};
-};
+using stage_timer = pqkv::test::event_timer;
 
 struct owned_stream {
   cudaStream_t s{};
