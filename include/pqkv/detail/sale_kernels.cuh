@@ -69,6 +69,7 @@ struct seq_info {
 inline constexpr int mean_splits = 64;  ///< token slices per sequence in mean_part
 inline constexpr int mean_threads = 256;
 
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void seq_setup_kernel(std::int32_t const* cu, std::int32_t* goff, int batch, int group)
 {
   if (threadIdx.x != 0 || blockIdx.x != 0) { return; }
@@ -636,6 +637,7 @@ __global__ void __launch_bounds__(256) estimate_kernel(
 // ---- density and conversions ---------------------------------------------------
 
 /// counts[2 h] += kept blocks, counts[2 h + 1] += causal blocks; one block per (s, h).
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void density_count_kernel(std::uint32_t const* bitmask, std::int32_t const* cu, sparse_config cfg,
                                      int q_heads, int q_blocks, int words, int max_len,
                                      unsigned long long* counts)
@@ -660,6 +662,7 @@ __global__ void density_count_kernel(std::uint32_t const* bitmask, std::int32_t 
   }
 }
 
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void density_final_kernel(unsigned long long const* counts, int q_heads, double* density)
 {
   int const h = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
@@ -669,6 +672,7 @@ __global__ void density_final_kernel(unsigned long long const* counts, int q_hea
 }
 
 /// BSR pass 1: indptr[r + 1] = set bits of row r (indptr[0] = 0).
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void bsr_count_kernel(std::uint32_t const* bitmask, int rows, int words, std::int32_t* indptr)
 {
   int const r = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
@@ -680,6 +684,7 @@ __global__ void bsr_count_kernel(std::uint32_t const* bitmask, int rows, int wor
 }
 
 /// BSR pass 2: inclusive scan of indptr[1 .. rows] in one block of 1024 threads.
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void __launch_bounds__(1024) bsr_scan_kernel(std::int32_t* indptr, int rows)
 {
   __shared__ std::int32_t warp_sums[32];
@@ -714,6 +719,7 @@ __global__ void __launch_bounds__(1024) bsr_scan_kernel(std::int32_t* indptr, in
 }
 
 /// BSR pass 3: the set block indices of each row, ascending.
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void bsr_fill_kernel(std::uint32_t const* bitmask, int rows, int words, std::int32_t const* indptr,
                                 std::int32_t* indices)
 {
@@ -731,6 +737,7 @@ __global__ void bsr_fill_kernel(std::uint32_t const* bitmask, int rows, int word
 }
 
 /// FlexAttention BlockMask: one warp per (s, h, Q) consumer row.
+template <int Unused = 0>  // a template, so that several translation units may include this header
 __global__ void block_mask_kernel(std::uint32_t const* bitmask, int batch, int q_heads, int q_blocks, int k_blocks,
                                   int words, int fq, int fk, int cq_blocks, int ck_blocks, std::int32_t* num,
                                   std::int32_t* idx)

@@ -91,7 +91,7 @@ void launch_center_quantize(kv_view<T const> x, std::int32_t const* cu, index_t 
   index_t const heads = x.extent(0), tokens = x.extent(1), dim = x.extent(2);
   if (heads == 0 || batch == 0) { return; }
   auto const acc = accessor(x);
-  k::seq_setup_kernel<<<1, 32, 0, stream>>>(cu, ws.goff, static_cast<int>(batch), static_cast<int>(cfg.group));
+  k::seq_setup_kernel<><<<1, 32, 0, stream>>>(cu, ws.goff, static_cast<int>(batch), static_cast<int>(cfg.group));
   PQKV_CUDA_CHECK_LAST();
   dim3 const pgrid(k::mean_splits, static_cast<unsigned>(heads), static_cast<unsigned>(batch));
   k::mean_part_kernel<T><<<pgrid, k::mean_threads, 0, stream>>>(acc, cu, static_cast<int>(heads),

@@ -301,11 +301,11 @@ class sale_mask {
     if (!density.empty()) {
       auto* counts = reinterpret_cast<unsigned long long*>(at(layout_.counts));
       PQKV_CUDA_TRY(cudaMemsetAsync(counts, 0, static_cast<std::size_t>(qh) * 2 * sizeof(unsigned long long), stream));
-      kern::density_count_kernel<<<dim3(static_cast<unsigned>(qh), static_cast<unsigned>(b)), 256, 0, stream>>>(
+      kern::density_count_kernel<><<<dim3(static_cast<unsigned>(qh), static_cast<unsigned>(b)), 256, 0, stream>>>(
           bitmask.data_handle(), cu_seqlens.data(), cfg_, qh, static_cast<int>(shape_.q_blocks),
           static_cast<int>(shape_.words), static_cast<int>(shape_.max_len), counts);
       PQKV_CUDA_CHECK_LAST();
-      kern::density_final_kernel<<<(qh + 127) / 128, 128, 0, stream>>>(counts, qh, density.data());
+      kern::density_final_kernel<><<<(qh + 127) / 128, 128, 0, stream>>>(counts, qh, density.data());
       PQKV_CUDA_CHECK_LAST();
     }
   }
@@ -406,13 +406,13 @@ inline void bitmask_to_bsr(view<std::uint32_t const, 4> bitmask, mask_shape cons
                "too many block rows for int32 indptr: ", bsr_indptr_size(m));
   auto const rows = static_cast<int>(bsr_indptr_size(m) - 1);
   unsigned const blocks = static_cast<unsigned>((rows + 255) / 256) > 0 ? static_cast<unsigned>((rows + 255) / 256) : 1;
-  kern::bsr_count_kernel<<<blocks, 256, 0, stream>>>(bitmask.data_handle(), rows, static_cast<int>(m.words),
+  kern::bsr_count_kernel<><<<blocks, 256, 0, stream>>>(bitmask.data_handle(), rows, static_cast<int>(m.words),
                                                      indptr.data());
   PQKV_CUDA_CHECK_LAST();
   if (rows == 0) { return; }
-  kern::bsr_scan_kernel<<<1, 1024, 0, stream>>>(indptr.data(), rows);
+  kern::bsr_scan_kernel<><<<1, 1024, 0, stream>>>(indptr.data(), rows);
   PQKV_CUDA_CHECK_LAST();
-  kern::bsr_fill_kernel<<<blocks, 256, 0, stream>>>(bitmask.data_handle(), rows, static_cast<int>(m.words),
+  kern::bsr_fill_kernel<><<<blocks, 256, 0, stream>>>(bitmask.data_handle(), rows, static_cast<int>(m.words),
                                                     indptr.data(), indices.data());
   PQKV_CUDA_CHECK_LAST();
 }
@@ -447,7 +447,7 @@ inline void bitmask_to_block_mask(view<std::uint32_t const, 4> bitmask, mask_sha
   index_t const rows = b.batch * b.q_heads * b.q_blocks;
   if (rows == 0) { return; }
   auto const grid = static_cast<unsigned>((rows * 32 + 255) / 256);
-  pqkv::detail::sale_gpu::block_mask_kernel<<<grid, 256, 0, stream>>>(
+  pqkv::detail::sale_gpu::block_mask_kernel<><<<grid, 256, 0, stream>>>(
       bitmask.data_handle(), static_cast<int>(m.batch), static_cast<int>(m.q_heads), static_cast<int>(m.q_blocks),
       static_cast<int>(m.k_blocks), static_cast<int>(m.words), static_cast<int>(cq / cfg.block_q),
       static_cast<int>(ck / cfg.block_k), static_cast<int>(b.q_blocks), static_cast<int>(b.k_blocks),
