@@ -6,11 +6,15 @@
 
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/device_buffer.cuh>
+#include <pqkv/core/device_check.cuh>
 
+#include <pqkv/attend/code_attention.cuh>
 #include <pqkv/attend/merge_state.cuh>
 #include <pqkv/cache/gpu_cache.cuh>
 #include <pqkv/codebook/kmeans.cuh>
+#include <pqkv/decode/residual_reconstruct.cuh>
 #include <pqkv/encode/encode.cuh>
+#include <pqkv/encode/residual.cuh>
 #include <pqkv/offload/gather.cuh>
 #include <pqkv/offload/kv_store.cuh>
 #include <pqkv/schedule/device_guard.cuh>

@@ -27,13 +27,14 @@
 /// reference's chain; the tensor-core path (detail/assign_tc_kernels.cuh)
 /// finds candidates with BF16 MMAs under a rigorous error bound and
 /// re-checks them with the same chain, so both give the same codes. `auto`
-/// takes the tensor cores for dsub >= 16 and ksub >= 32 (and, for append,
-/// at least 64 new tokens); `assign_tuning` forces either.
+/// keeps the FP32 path (measured faster so far; detail/assign_tc_kernels.cuh
+/// says where); `assign_tuning` forces either.
 
 #include <pqkv/codebook/codebook.hpp>
 #include <pqkv/core/concepts.hpp>
 #include <pqkv/core/config.hpp>
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
@@ -47,25 +48,6 @@
 #include <span>
 #include <type_traits>
 
-namespace pqkv::detail::gpu_check {
-
-/// Throws unless `p` (non-null) is memory a kernel of the current device can
-/// read: device, managed or registered/mapped host memory. A host call that
-/// does not touch any stream, so it is legal while a graph is captured.
-inline void expect_device_pointer(void const* p, char const* where, char const* what)
-{
-  cudaPointerAttributes attr{};
-  cudaError_t const st = cudaPointerGetAttributes(&attr, p);
-  if (st != cudaSuccess) {
-    cudaGetLastError();
-    PQKV_EXPECTS(false, where, what, " is not a pointer the CUDA runtime knows (", cudaGetErrorName(st), ")");
-  }
-  PQKV_EXPECTS(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
-                 (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr),
-               where, what, " is not device-accessible memory (pageable host memory?)");
-}
-
-}  // namespace pqkv::detail::gpu_check
 
 namespace pqkv::gpu {
 

@@ -1,0 +1,180 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// @file `pqkv::gpu::rq_reconstruct`, `pqkv::gpu::rq_reconstruct_indices`:
+/// residual codes back to float, half or bf16 K or V rows on the GPU, for a
+/// token range or for the scorer's -1-padded index lists (the
+/// dequantize-then-attend anchor).
+///
+/// Contract: that of `pqkv::cpu::rq_reconstruct` (decode/residual_reconstruct.hpp),
+/// bit for bit: for channel i of split s, `acc = 0.f; acc += C(hc, s, st,
+/// code, i)` over stages ascending (`__fadd_rn`), written to channel
+/// perm[s * dsub + i] rounded to the output type; index -1 gives a zero row.
+///
+/// Memory and ordering: device views in and out; one launch on `stream`, no
+/// allocation, no synchronization, graph-capturable. Not checked (device
+/// memory): codes < 2^bits (a larger code is read modulo 2^bits), index
+/// entries in [-1, tokens) (others give a zero row, as -1 does), finite
+/// centroids. Every shape, null and host pointer is checked before the launch.
+
+#include <pqkv/codebook/residual.hpp>
+#include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
+#include <pqkv/core/dtype.hpp>
+#include <pqkv/core/error.hpp>
+#include <pqkv/core/views.hpp>
+#include <pqkv/encode/residual.cuh>
+#include <pqkv/encode/residual.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace pqkv::detail::rq_gpu {
+
+inline constexpr int reconstruct_threads = 128;
+
+template <class Code, class Out>
+struct reconstruct_args {
+  float const* centroids;  // [1|heads, splits, stages, ksub, dsub]
+  Code const* codes;       // [heads, tokens, splits * stages]
+  std::int32_t const* indices;  // [heads, count] or null (then rows first + j)
+  Out* out;                // [heads, count, dim], strides o0, o1, o2
+  index_t o0, o1, o2;
+  index_t tokens, count, first;
+  int heads, dim, splits, stages, ksub, dsub;
+  bool shared;
+  channel_map map;
+};
+
+/// grid (count, heads): row j of head h.
+template <class Code, class Out>
+__global__ void __launch_bounds__(reconstruct_threads) reconstruct_kernel(reconstruct_args<Code, Out> const a)
+{
+  index_t const j = blockIdx.x;
+  int const h = static_cast<int>(blockIdx.y);
+  index_t t = a.first + j;
+  if (a.indices != nullptr) {
+    t = a.indices[static_cast<index_t>(h) * a.count + j];
+    if (t >= a.tokens) { t = -1; }
+  }
+  int const n = a.splits * a.stages;
+  Code const* const row = a.codes + (static_cast<index_t>(h) * a.tokens + (t < 0 ? 0 : t)) * n;
+  unsigned const mask = static_cast<unsigned>(a.ksub - 1);
+  Out* const o = a.out + h * a.o0 + j * a.o1;
+  for (int d = threadIdx.x; d < a.dim; d += reconstruct_threads) {
+    int const s = d / a.dsub, i = d % a.dsub;
+    float acc = 0.f;
+    if (t >= 0) {
+      float const* const c =
+        a.centroids + static_cast<std::size_t>((a.shared ? 0 : h) * a.splits + s) * a.stages * a.ksub * a.dsub + i;
+      for (int st = 0; st < a.stages; ++st) {
+        unsigned const code = static_cast<unsigned>(row[s * a.stages + st]) & mask;
+        acc = __fadd_rn(acc, c[(static_cast<std::size_t>(st) * a.ksub + code) * a.dsub]);
+      }
+    }
+    o[index_t{a.map.perm[d]} * a.o2] = from_float<Out>(acc);
+  }
+}
+
+/// Validates a reconstruct call and launches it (indices null: the range path).
+template <class Code, class Out>
+void reconstruct(rq_config const& cfg, rq_centroids_view<float const> centroids, view<Code const, 3> codes,
+                 index_t first, std::int32_t const* indices, index_t index_rows, kv_view<Out> out,
+                 cudaStream_t stream, char const* where)
+{
+  namespace kern = pqkv::detail::rq_gpu;
+  using pqkv::detail::gpu_check::expect_device_pointer;
+  cfg.validate(where);
+  pqkv::detail::rq::check_code_type<Code>(cfg.bits, where);
+  PQKV_EXPECTS(cfg.dim <= kern::max_dim, where, "config.dim=", cfg.dim, " exceeds ", kern::max_dim);
+  index_t const heads = codes.extent(0), tokens = codes.extent(1), count = out.extent(1);
+  PQKV_EXPECTS(codes.extent(2) == cfg.codes_per_row(), where, "codes.extent(2)=", codes.extent(2),
+               ", config.splits * config.stages=", cfg.codes_per_row());
+  check_rq_centroids(centroids, cfg, heads, where, false);
+  PQKV_EXPECTS(out.extent(0) == heads, where, "out.extent(0)=", out.extent(0), ", codes.extent(0)=", heads);
+  PQKV_EXPECTS(out.extent(2) == cfg.dim, where, "out.extent(2)=", out.extent(2), ", config.dim=", cfg.dim);
+  if (indices == nullptr) {
+    PQKV_EXPECTS(first >= 0 && first <= tokens - count, where, "first=", first, " + out.extent(1)=", count,
+                 " exceeds codes.extent(1)=", tokens);
+  } else {
+    PQKV_EXPECTS(index_rows == heads, where, "indices.extent(0)=", index_rows, ", codes.extent(0)=", heads);
+  }
+  PQKV_EXPECTS(heads <= 65535, where, "codes.extent(0)=", heads, " exceeds 65535");
+  PQKV_EXPECTS(count <= 0x7fffffff, where, "out.extent(1)=", count, " exceeds 2^31 - 1");
+  if (heads == 0 || count == 0) { return; }
+  PQKV_EXPECTS(out.data_handle() != nullptr, where, "out.data_handle() is null");
+  PQKV_EXPECTS(tokens == 0 || codes.data_handle() != nullptr, where, "codes.data_handle() is null");
+  expect_device_pointer(centroids.data_handle(), where, "centroids.data_handle()");
+  expect_device_pointer(out.data_handle(), where, "out.data_handle()");
+  if (tokens > 0) { expect_device_pointer(codes.data_handle(), where, "codes.data_handle()"); }
+  if (indices != nullptr) { expect_device_pointer(indices, where, "indices.data_handle()"); }
+
+  kern::reconstruct_args<Code, Out> a{};
+  a.centroids = centroids.data_handle();
+  a.codes = codes.data_handle();
+  a.indices = indices;
+  a.out = out.data_handle();
+  a.o0 = out.stride(0);
+  a.o1 = out.stride(1);
+  a.o2 = out.stride(2);
+  a.tokens = tokens;
+  a.count = count;
+  a.first = first;
+  a.heads = static_cast<int>(heads);
+  a.dim = static_cast<int>(cfg.dim);
+  a.splits = cfg.splits;
+  a.stages = cfg.stages;
+  a.ksub = static_cast<int>(cfg.ksub());
+  a.dsub = static_cast<int>(cfg.dsub());
+  a.shared = centroids.extent(0) == 1;
+  a.map = kern::make_channel_map(cfg);
+  kern::reconstruct_kernel<Code, Out><<<dim3(static_cast<unsigned>(count), static_cast<unsigned>(heads)),
+                                        kern::reconstruct_threads, 0, stream>>>(a);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+}  // namespace pqkv::detail::rq_gpu
+
+namespace pqkv::gpu {
+
+/// Rows [first, first + out.extent(1)) of codes [heads, tokens, splits *
+/// stages] into out [heads, count, dim] (float, half or bf16; any strides),
+/// all in device memory. Throws `pqkv::error` before the launch on a shape
+/// mismatch, a range past the codes, a code type too narrow for bits, or a
+/// null or host pointer.
+template <class Code, class Out, class Layout, class Accessor>
+  requires(RqCode<std::remove_const_t<Code>> && KvElement<Out> && !std::is_const_v<Out>)
+void rq_reconstruct(rq_config const& cfg,
+                    rq_centroids_view<float const> centroids,  // [1|heads, splits, stages, ksub, dsub], device
+                    view<Code, 3> codes,                       // [heads, tokens, splits * stages], device
+                    index_t first,
+                    ::cuda::std::mdspan<Out, extents<3>, Layout, Accessor> out,  // [heads, count, dim], device
+                    cudaStream_t stream)
+{
+  pqkv::detail::rq_gpu::reconstruct(cfg, centroids, pqkv::as_const(codes), first, nullptr, 0, kv_view<Out>{out}, stream,
+                         "gpu::rq_reconstruct");
+}
+
+/// Rows indices(h, j) of head h into out(h, j, :), a zero row where the
+/// index is -1 (the scorer's padding). Throws as `rq_reconstruct`, and
+/// unless indices is [heads, out.extent(1)].
+template <class Code, class Out, class Layout, class Accessor>
+  requires(RqCode<std::remove_const_t<Code>> && KvElement<Out> && !std::is_const_v<Out>)
+void rq_reconstruct_indices(rq_config const& cfg,
+                            rq_centroids_view<float const> centroids,  // [1|heads, splits, stages, ksub, dsub], device
+                            view<Code, 3> codes,                       // [heads, tokens, splits * stages], device
+                            selection_view<std::int32_t const> indices,  // [heads, k], -1 padded, device
+                            ::cuda::std::mdspan<Out, extents<3>, Layout, Accessor> out,  // [heads, k, dim], device
+                            cudaStream_t stream)
+{
+  constexpr char const* where = "gpu::rq_reconstruct_indices";
+  PQKV_EXPECTS(indices.extent(1) == out.extent(1), where, "indices.extent(1)=", indices.extent(1),
+               ", out.extent(1)=", out.extent(1));
+  PQKV_EXPECTS(indices.data_handle() != nullptr || element_count(indices) == 0, where,
+               "indices.data_handle() is null");
+  pqkv::detail::rq_gpu::reconstruct(cfg, centroids, pqkv::as_const(codes), 0, indices.data_handle(), indices.extent(0),
+                         kv_view<Out>{out}, stream, where);
+}
+
+}  // namespace pqkv::gpu
