@@ -430,20 +430,8 @@ inline void bitmask_to_block_mask(view<std::uint32_t const, 4> bitmask, mask_sha
                                   cudaStream_t stream)
 {
   constexpr char const* where = "gpu::bitmask_to_block_mask";
-  pqkv::detail::check_bitmask(bitmask, m, where);
-  block_mask_shape const b = make_block_mask_shape(m, cfg, cq, ck);
-  PQKV_EXPECTS(kv_num_blocks.extent(0) == b.batch && kv_num_blocks.extent(1) == b.q_heads &&
-                   kv_num_blocks.extent(2) == b.q_blocks,
-               where, "kv_num_blocks extents (", kv_num_blocks.extent(0), ", ", kv_num_blocks.extent(1), ", ",
-               kv_num_blocks.extent(2), ") differ from (", b.batch, ", ", b.q_heads, ", ", b.q_blocks, ")");
-  PQKV_EXPECTS(kv_indices.extent(0) == b.batch && kv_indices.extent(1) == b.q_heads &&
-                   kv_indices.extent(2) == b.q_blocks && kv_indices.extent(3) == b.k_blocks,
-               where, "kv_indices extents (", kv_indices.extent(0), ", ", kv_indices.extent(1), ", ",
-               kv_indices.extent(2), ", ", kv_indices.extent(3), ") differ from (", b.batch, ", ", b.q_heads, ", ",
-               b.q_blocks, ", ", b.k_blocks, ")");
-  PQKV_EXPECTS((kv_num_blocks.data_handle() != nullptr || element_count(kv_num_blocks) == 0) &&
-                   (kv_indices.data_handle() != nullptr || element_count(kv_indices) == 0),
-               where, "kv_num_blocks or kv_indices data_handle() is null");
+  block_mask_shape const b =
+    pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, kv_num_blocks, kv_indices, where);
   index_t const rows = b.batch * b.q_heads * b.q_blocks;
   if (rows == 0) { return; }
   auto const grid = static_cast<unsigned>((rows * 32 + 255) / 256);

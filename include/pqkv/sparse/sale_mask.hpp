@@ -515,6 +515,29 @@ inline void check_bitmask(view<std::uint32_t const, 4> bitmask, mask_shape const
   PQKV_EXPECTS(bitmask.data_handle() != nullptr || bitmask_size(m) == 0, where, "bitmask.data_handle() is null");
 }
 
+/// Checks the arguments of a BlockMask conversion (CPU or GPU) and returns its shape.
+inline block_mask_shape check_block_mask_args(view<std::uint32_t const, 4> bitmask, mask_shape const& m,
+                                              sparse_config const& cfg, index_t cq, index_t ck,
+                                              view<std::int32_t, 3> kv_num_blocks, view<std::int32_t, 4> kv_indices,
+                                              char const* where)
+{
+  pqkv::detail::check_bitmask(bitmask, m, where);
+  block_mask_shape const b = make_block_mask_shape(m, cfg, cq, ck);
+  PQKV_EXPECTS(kv_num_blocks.extent(0) == b.batch && kv_num_blocks.extent(1) == b.q_heads &&
+                   kv_num_blocks.extent(2) == b.q_blocks,
+               where, "kv_num_blocks extents (", kv_num_blocks.extent(0), ", ", kv_num_blocks.extent(1), ", ",
+               kv_num_blocks.extent(2), ") differ from (", b.batch, ", ", b.q_heads, ", ", b.q_blocks, ")");
+  PQKV_EXPECTS(kv_indices.extent(0) == b.batch && kv_indices.extent(1) == b.q_heads &&
+                   kv_indices.extent(2) == b.q_blocks && kv_indices.extent(3) == b.k_blocks,
+               where, "kv_indices extents (", kv_indices.extent(0), ", ", kv_indices.extent(1), ", ",
+               kv_indices.extent(2), ", ", kv_indices.extent(3), ") differ from (", b.batch, ", ", b.q_heads, ", ",
+               b.q_blocks, ", ", b.k_blocks, ")");
+  PQKV_EXPECTS((kv_num_blocks.data_handle() != nullptr || element_count(kv_num_blocks) == 0) &&
+                   (kv_indices.data_handle() != nullptr || element_count(kv_indices) == 0),
+               where, "kv_num_blocks or kv_indices data_handle() is null");
+  return b;
+}
+
 }  // namespace detail
 
 namespace cpu {
@@ -629,20 +652,8 @@ inline void bitmask_to_block_mask(view<std::uint32_t const, 4> bitmask, mask_sha
                                   view<std::int32_t, 4> kv_indices)     // [batch, q_heads, Q, K]
 {
   constexpr char const* where = "bitmask_to_block_mask";
-  pqkv::detail::check_bitmask(bitmask, m, where);
-  block_mask_shape const b = make_block_mask_shape(m, cfg, cq, ck);
-  PQKV_EXPECTS(kv_num_blocks.extent(0) == b.batch && kv_num_blocks.extent(1) == b.q_heads &&
-                   kv_num_blocks.extent(2) == b.q_blocks,
-               where, "kv_num_blocks extents (", kv_num_blocks.extent(0), ", ", kv_num_blocks.extent(1), ", ",
-               kv_num_blocks.extent(2), ") differ from (", b.batch, ", ", b.q_heads, ", ", b.q_blocks, ")");
-  PQKV_EXPECTS(kv_indices.extent(0) == b.batch && kv_indices.extent(1) == b.q_heads &&
-                   kv_indices.extent(2) == b.q_blocks && kv_indices.extent(3) == b.k_blocks,
-               where, "kv_indices extents (", kv_indices.extent(0), ", ", kv_indices.extent(1), ", ",
-               kv_indices.extent(2), ", ", kv_indices.extent(3), ") differ from (", b.batch, ", ", b.q_heads, ", ",
-               b.q_blocks, ", ", b.k_blocks, ")");
-  PQKV_EXPECTS((kv_num_blocks.data_handle() != nullptr || element_count(kv_num_blocks) == 0) &&
-                   (kv_indices.data_handle() != nullptr || element_count(kv_indices) == 0),
-               where, "kv_num_blocks or kv_indices data_handle() is null");
+  block_mask_shape const b =
+    pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, kv_num_blocks, kv_indices, where);
   index_t const fq = cq / cfg.block_q, fk = ck / cfg.block_k;
   std::vector<char> any(static_cast<std::size_t>(b.k_blocks));
   for (index_t s = 0; s < b.batch; ++s) {
