@@ -216,26 +216,33 @@ __global__ void __launch_bounds__(threads, Dsub >= 128 ? 1 : 2) encode_kernel(en
   }
 }
 
-/// Calls f(integral_constant<Dsub>, integral_constant<Tn>) for the runtime pair.
+/// Calls f.template operator()<Dsub>() for the runtime subspace width (4..128;
+/// the tile engines here and in residual_gpu_kernels.cuh are built for these).
+template <class F>
+void dispatch_dsub(int dsub, F&& f)
+{
+  switch (dsub) {
+    case 4: f.template operator()<4>(); break;
+    case 8: f.template operator()<8>(); break;
+    case 16: f.template operator()<16>(); break;
+    case 32: f.template operator()<32>(); break;
+    case 64: f.template operator()<64>(); break;
+    default: f.template operator()<128>(); break;
+  }
+}
+
+/// Calls f.template operator()<Dsub, Tn>() for the runtime pair.
 template <class F>
 void dispatch(int dsub, int ksub, F&& f)
 {
-  auto with_dsub = [&]<int D>() {
+  dispatch_dsub(dsub, [&]<int D>() {
     switch (tn_for(ksub)) {
       case 8: f.template operator()<D, 8>(); break;
       case 4: f.template operator()<D, 4>(); break;
       case 2: f.template operator()<D, 2>(); break;
       default: f.template operator()<D, 1>(); break;
     }
-  };
-  switch (dsub) {
-    case 4: with_dsub.template operator()<4>(); break;
-    case 8: with_dsub.template operator()<8>(); break;
-    case 16: with_dsub.template operator()<16>(); break;
-    case 32: with_dsub.template operator()<32>(); break;
-    case 64: with_dsub.template operator()<64>(); break;
-    default: with_dsub.template operator()<128>(); break;
-  }
+  });
 }
 
 /// Raises the encode kernel's dynamic shared-memory limit (a host call, made

@@ -212,21 +212,13 @@ __global__ void __launch_bounds__(threads, 2) greedy_kernel(encode_args<Key> con
 template <class F>
 void dispatch(int dsub, int ksub, F&& f)
 {
-  auto with_dsub = [&]<int D>() {
+  nearest_gpu::dispatch_dsub(dsub, [&]<int D>() {
     switch (tn_for(ksub)) {
       case 4: f.template operator()<D, 4>(); break;
       case 2: f.template operator()<D, 2>(); break;
       default: f.template operator()<D, 1>(); break;
     }
-  };
-  switch (dsub) {
-    case 4: with_dsub.template operator()<4>(); break;
-    case 8: with_dsub.template operator()<8>(); break;
-    case 16: with_dsub.template operator()<16>(); break;
-    case 32: with_dsub.template operator()<32>(); break;
-    case 64: with_dsub.template operator()<64>(); break;
-    default: with_dsub.template operator()<128>(); break;
-  }
+  });
 }
 
 template <class Key>
