@@ -279,6 +279,23 @@ void BM_cache_access(benchmark::State& state)
     for (int i = 0; i < 32; ++i) { call(); }
   });
   state.counters["queued_us_per_step"] = ms * 1e3 / 32.0;
+  // The same 32 steps captured in one CUDA graph and replayed, as a decode
+  // loop runs them: per-step device time without per-launch gaps.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  it = steps / 4;
+  PQKV_CUDA_TRY(cudaStreamBeginCapture(t.stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < 32; ++i) { call(); }
+  PQKV_CUDA_TRY(cudaStreamEndCapture(t.stream, &graph));
+  PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 2; ++i) { PQKV_CUDA_TRY(cudaGraphLaunch(exec, t.stream)); }
+  int const replays = 4;
+  double const graph_ms = t.events.ms([&] {
+    for (int i = 0; i < replays; ++i) { PQKV_CUDA_TRY(cudaGraphLaunch(exec, t.stream)); }
+  });
+  state.counters["graph_us_per_step"] = graph_ms * 1e3 / (32.0 * replays);
+  PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
+  PQKV_CUDA_TRY(cudaGraphDestroy(graph));
 }
 
 /// Hit rate and bytes moved per step over the trace: range(0) = cache tokens
@@ -375,6 +392,8 @@ BENCHMARK(BM_copy_engine)
 BENCHMARK(BM_cache_access<pqkv::cache::lru>)
   ->ArgNames({"k", "capacity", "gather"})
   ->ArgsProduct({{2048}, {2048, 4096, 8192}, {0, 1}})
+  ->Args({26214, 32768, 0})
+  ->Args({26214, 32768, 1})
   ->UseManualTime()
   ->Iterations(144)
   ->Unit(benchmark::kMicrosecond);

@@ -137,8 +137,8 @@ class slot_table {
     ins_evicted_ = device_buffer<std::int32_t>(rows * n);
     ins_count_ = device_buffer<std::int32_t>(rows);
     counters_ = device_buffer<std::int32_t>(rows * 4);
-    sel_key_ = device_buffer<unsigned long long>(rows * managed);
-    sel_idx_ = device_buffer<std::int32_t>(rows * managed);
+    sel_key_ = device_buffer<unsigned long long>(2 * rows * managed);
+    sel_idx_ = device_buffer<std::int32_t>(2 * rows * managed);
     smem_key_slots_ = pqkv::detail::cache_gpu::prepare_table_step<Policy>();
     if (shape_.max_shared_key_slots >= 0 && shape_.max_shared_key_slots < smem_key_slots_) {
       smem_key_slots_ = shape_.max_shared_key_slots;
@@ -339,8 +339,8 @@ class slot_table {
   device_buffer<std::int32_t> ins_key_, ins_slot_, ins_evicted_;  // [rows, max_keys]
   device_buffer<std::int32_t> ins_count_;    // [rows]
   device_buffer<std::int32_t> counters_;     // [rows, 4]
-  device_buffer<unsigned long long> sel_key_;  // [rows, managed] victim-selection scratch
-  device_buffer<std::int32_t> sel_idx_;      // [rows, managed]
+  device_buffer<unsigned long long> sel_key_;  // [rows, 2 * managed] victim-selection scratch (two halves: the large sort ping-pongs)
+  device_buffer<std::int32_t> sel_idx_;      // [rows, 2 * managed]
   device_buffer<unsigned long long> key_cache_;  // [rows, managed] eviction keys, when they exceed shared memory
   int smem_key_slots_ = 0;                   // eviction keys the step keeps in shared memory on this device
   index_t last_n_ = 0;
@@ -388,8 +388,8 @@ class block_lfu_cache {
     size_ = device_buffer<std::uint32_t>(all);
     touch_ = device_buffer<std::uint32_t>(all);
     distinct_ = device_buffer<std::int32_t>(entries);
-    sel_key_ = device_buffer<unsigned long long>(entries);
-    sel_idx_ = device_buffer<std::int32_t>(entries);
+    sel_key_ = device_buffer<unsigned long long>(2 * entries);
+    sel_idx_ = device_buffer<std::int32_t>(2 * entries);
     auto const b = static_cast<std::size_t>(batch);
     ranked_ = device_buffer<std::int32_t>(b * per);
     promoted_ = device_buffer<std::int32_t>(b * per);

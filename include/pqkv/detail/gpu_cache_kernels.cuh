@@ -14,6 +14,7 @@
 #include <pqkv/cache/policy.hpp>
 #include <pqkv/core/cuda_try.hpp>
 
+#include <cub/block/block_radix_rank.cuh>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -49,6 +50,9 @@ using block_reduce_range = cub::BlockReduce<key_range, block_threads>;
 using block_reduce_int = cub::BlockReduce<int, block_threads>;
 using block_sort = cub::BlockRadixSort<unsigned long long, block_threads, scan_items, std::int32_t>;
 using block_sort_small = cub::BlockRadixSort<unsigned long long, block_threads, 1, std::int32_t>;
+/// Stable ranks of a tile by one 4-bit digit: the passes of the large-selection sort.
+inline constexpr int rank_bits = 4;
+using block_rank = cub::BlockRadixRank<block_threads, rank_bits, false>;
 
 struct shared_scratch {
   union {
@@ -66,10 +70,16 @@ struct shared_scratch {
     } sel;
     block_sort::TempStorage sort;
     block_sort_small::TempStorage sort_small;
+    block_rank::TempStorage rank;
   } order;
-  /// The first tile of a step's inserted keys (the slot table's misses).
+  /// The first tile of a step's inserted keys (the slot table's misses), and
+  /// on the distinct-keys path the position each came from.
   std::int32_t ins_key[tile];
+  std::uint16_t ins_pos[tile];
   unsigned int hist[256];
+  unsigned long long warp_lo[block_threads / 32], warp_hi[block_threads / 32];
+  int digit_start[1 << rank_bits];  // the large-selection sort: a digit's first output position
+  int tile_start[1 << rank_bits];   // and its first rank in the current tile
   int total;
   int count;
   unsigned long long prefix;
@@ -85,6 +95,16 @@ __device__ __forceinline__ std::uint32_t ordered_bits(float x)
   std::uint32_t const b = __float_as_uint(x == 0.f ? 0.f : x);
   return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
 }
+
+/// One 4-bit digit of a key (CUB's digit-extractor interface), for the
+/// large-selection sort.
+struct lsd_digit {
+  int shift;
+  __device__ __forceinline__ std::uint32_t Digit(unsigned long long key) const
+  {
+    return static_cast<std::uint32_t>(key >> shift) & ((1u << rank_bits) - 1);
+  }
+};
 
 /// Order-preserving compaction over [0, n): calls emit(i, rank) for every i
 /// with pred(i), rank counting such i in index order; returns the count (all threads).
@@ -117,17 +137,19 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 
 /// Selects the `want` smallest candidates of [0, n) in (key, index) order and
 /// calls emit(rank, index) for each (rank 0 is the smallest; one call per
-/// rank, from any thread); returns r = min(want, candidates). sel_key / sel_idx: global scratch of n entries,
-/// used only when more than a tile is selected.
+/// rank, from any thread); returns r = min(want, candidates). sel_key /
+/// sel_idx: global scratch of 2 n entries, used only when more than a tile is
+/// selected.
 ///
 /// Steps: one reduction for the candidates' count and key range; a radix
 /// select of the threshold key T, 8 bits a pass from the highest bit where
-/// the candidates differ, stopping early once the chosen bucket is taken
-/// whole; one ordered compaction of the keys below T and the first keys equal
-/// to T; then a stable block radix sort over the bits that still differ (one
-/// pair per thread up to block_threads pairs, a tile at most; pairs that
-/// differ in many bits are ranked against each other instead; a rank sort in
-/// global scratch beyond a tile).
+/// the keys still in play differ (each pass narrows their range first),
+/// stopping early once the chosen bucket is taken whole; one ordered
+/// compaction of the keys below T and the first keys equal to T; then a
+/// stable radix sort over the bits that still differ: one pair per thread up
+/// to block_threads pairs, a tile at most in shared memory (pairs that differ
+/// in many bits are ranked against each other instead), and beyond a tile an
+/// LSD sort in global scratch, 4 bits a pass.
 template <class KeyAt, class Cand, class Emit>
 __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
                                std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
@@ -140,6 +162,7 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
     local.lo = k < local.lo ? k : local.lo;
     local.hi = k > local.hi ? k : local.hi;
   }
+  for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
   key_range const all = block_reduce_range(sh.temp.range).Reduce(local, merge_key_range{});
   if (threadIdx.x == 0) {
     sh.total = all.count;
@@ -158,26 +181,75 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
   // indices among them). Every candidate is taken when r == total.
   unsigned long long threshold = hi;
   int take_equal = total;
-  if (r < total && lo == hi) {
-    take_equal = r;  // all keys equal: the lowest indices go
-  } else if (r < total) {
-    unsigned long long const diff = lo ^ hi;
-    int const top = 63 - __clzll(static_cast<long long>(diff));
-    if (threadIdx.x == 0) {
-      sh.prefix = top >= 63 ? 0 : (lo >> (top + 1)) << (top + 1);
-      sh.want = r;
-    }
-    __syncthreads();
-    for (int shift = (top / 8) * 8; shift >= 0; shift -= 8) {
-      for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
-      __syncthreads();
-      unsigned long long const prefix = sh.prefix;
-      int const above = shift + 8;
-      for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
-        if (!cand(i)) { continue; }
-        unsigned long long const k = key_at(i);
-        if (above < 64 && (k >> above) != (prefix >> above)) { continue; }
-        atomicAdd(&sh.hist[(k >> shift) & 0xFFu], 1u);
+  if (r < total) {
+    // Radix select, 8 bits a pass from the highest bit where the keys still
+    // in play differ. The keys in play are the candidates in [plo, phi]; each
+    // pass after the first narrows that range to their own minimum and
+    // maximum, so bits they all share cost no pass (LFU keys: the use count's
+    // float bits, then the stamps).
+    unsigned long long plo = lo, phi = hi;
+    int want = r;
+    for (bool first = true;; first = false) {
+      if (!first) {
+        // The in-play keys' min and max: warp shuffles, then one word per warp.
+        unsigned long long mn = ~0ull, mx = 0;
+        for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+          if (!cand(i)) { continue; }
+          unsigned long long const k = key_at(i);
+          if (k < plo || k > phi) { continue; }
+          mn = k < mn ? k : mn;
+          mx = k > mx ? k : mx;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          unsigned long long const a = __shfl_xor_sync(0xFFFFFFFFu, mn, o);
+          unsigned long long const b = __shfl_xor_sync(0xFFFFFFFFu, mx, o);
+          mn = a < mn ? a : mn;
+          mx = b > mx ? b : mx;
+        }
+        if ((threadIdx.x & 31u) == 0) {
+          sh.warp_lo[threadIdx.x / 32] = mn;
+          sh.warp_hi[threadIdx.x / 32] = mx;
+        }
+        __syncthreads();
+        mn = ~0ull;
+        mx = 0;
+#pragma unroll
+        for (int w = 0; w < block_threads / 32; ++w) {
+          mn = sh.warp_lo[w] < mn ? sh.warp_lo[w] : mn;
+          mx = sh.warp_hi[w] > mx ? sh.warp_hi[w] : mx;
+        }
+        plo = mn;
+        phi = mx;
+      }
+      if (plo == phi) {
+        threshold = plo;  // the keys in play are all equal: the lowest indices among them go
+        take_equal = want;
+        break;
+      }
+      int const top = 63 - __clzll(static_cast<long long>(plo ^ phi));
+      int const shift = top >= 7 ? top - 7 : 0;
+      // Histogram of the digit at `shift` (the keys in play share every bit
+      // above it). The warp's lanes that share its first active lane's digit
+      // add as one: keys of one step often share a stamp, and same-address
+      // shared atomics serialize.
+      unsigned int const lane = threadIdx.x & 31u;
+      for (int i0 = static_cast<int>(threadIdx.x - lane); i0 < n; i0 += block_threads) {
+        int const i = i0 + static_cast<int>(lane);
+        unsigned long long k = 0;
+        bool in_play = false;
+        if (i < n && cand(i)) {
+          k = key_at(i);
+          in_play = k >= plo && k <= phi;
+        }
+        unsigned int const active = __ballot_sync(0xFFFFFFFFu, in_play);
+        if (active == 0) { continue; }
+        auto const digit = static_cast<unsigned int>(k >> shift) & 0xFFu;
+        int const leader = __ffs(static_cast<int>(active)) - 1;
+        unsigned int const lead_digit = __shfl_sync(0xFFFFFFFFu, digit, leader);
+        unsigned int const same = __ballot_sync(0xFFFFFFFFu, in_play && digit == lead_digit);
+        if (static_cast<int>(lane) == leader) { atomicAdd(&sh.hist[lead_digit], static_cast<unsigned int>(__popc(same))); }
+        if (in_play && digit != lead_digit) { atomicAdd(&sh.hist[digit], 1u); }
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -194,22 +266,21 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
           unsigned int const v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
           if (static_cast<int>(threadIdx.x) >= o) { incl += v; }
         }
-        auto const w = static_cast<unsigned int>(sh.want);
-        __syncwarp();  // every lane has read sh.want before one lane rewrites it
+        auto const w = static_cast<unsigned int>(want);
         unsigned int acc = incl - sum;
         if (acc < w && w <= incl) {
           for (int q = 0; q < 8; ++q) {
             if (acc + counts[q] >= w) {
-              unsigned long long const digit = static_cast<unsigned long long>(threadIdx.x * 8 + q) << shift;
-              if (acc + counts[q] == w) {
-                // The bucket is taken whole: T is its largest key, all keys equal to it go.
-                sh.prefix = prefix | digit | ((1ull << shift) - 1);
-                sh.want = total;
-                sh.done = 1;
-              } else {
-                sh.prefix = prefix | digit;
-                sh.want = static_cast<int>(w - acc);
-              }
+              // The chosen bucket's range, clipped to the keys in play.
+              unsigned long long const span = (1ull << shift) - 1;
+              unsigned long long const below = shift + 8 >= 64 ? ~0ull : (1ull << (shift + 8)) - 1;
+              unsigned long long const b_lo =
+                (plo & ~below) | (static_cast<unsigned long long>(threadIdx.x * 8 + q) << shift);
+              unsigned long long const b_hi = b_lo | span;
+              sh.lo = b_lo > plo ? b_lo : plo;
+              sh.hi = b_hi < phi ? b_hi : phi;
+              sh.want = static_cast<int>(w - acc);
+              sh.done = acc + counts[q] == w ? 1 : 0;  // the bucket is taken whole
               break;
             }
             acc += counts[q];
@@ -217,10 +288,24 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         }
       }
       __syncthreads();
-      if (sh.done != 0) { break; }
+      plo = sh.lo;
+      phi = sh.hi;
+      want = sh.want;
+      if (sh.done != 0) {
+        threshold = phi;  // every key of the bucket is at most its top: all keys equal to it go
+        take_equal = total;
+        break;
+      }
+      if (shift == 0) {
+        threshold = plo;  // a one-key bucket
+        take_equal = want;
+        break;
+      }
+      for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
+      // The next pass writes the warp words and the histogram only after its
+      // first barrier, when every thread has read this pass's results.
+      __syncthreads();
     }
-    threshold = sh.prefix;
-    take_equal = sh.want;
   }
 
   // The selected pairs in index order: rank = keys below T before i + the
@@ -256,7 +341,7 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         sh.order.sel.key[pos] = key[u];
         sh.order.sel.idx[pos] = i;
       } else {
-        sel_key[pos] = key[u];
+        sel_key[pos] = key[u] - lo;
         sel_idx[pos] = i;
       }
     }
@@ -314,16 +399,86 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
       }
     }
   } else {
-    // Rank sort of a large selection (index order already breaks key ties).
-    for (int i = static_cast<int>(threadIdx.x); i < r; i += block_threads) {
-      unsigned long long const ki = sel_key[i];
-      int rank = 0;
-      for (int j = 0; j < r; ++j) {
-        unsigned long long const kj = sel_key[j];
-        rank += (kj < ki || (kj == ki && j < i)) ? 1 : 0;
+    // More than a tile selected: a stable LSD radix sort in global scratch,
+    // 4 bits a pass over the bits where the selected keys differ. Each pass
+    // counts the digits, then ranks tile by tile in index order (stable
+    // within a tile) and carries each digit's next position across tiles.
+    int const bits = threshold == lo ? 0 : 64 - __clzll(static_cast<long long>(threshold - lo));
+    unsigned long long* key_in = sel_key;
+    std::int32_t* idx_in = sel_idx;
+    unsigned long long* key_out = sel_key + n;
+    std::int32_t* idx_out = sel_idx + n;
+    constexpr int digits = 1 << rank_bits;
+    unsigned int const lane = threadIdx.x & 31u;
+    for (int shift = 0; shift < bits; shift += rank_bits) {
+      lsd_digit const digit_of{shift};
+      // Digit counts: four ballots a round; lane d of each warp counts digit d.
+      if (threadIdx.x < digits) { sh.digit_start[threadIdx.x] = 0; }
+      int count = 0;
+      for (int p0 = static_cast<int>(threadIdx.x - lane); p0 < r; p0 += block_threads) {
+        int const p = p0 + static_cast<int>(lane);
+        bool const valid = p < r;
+        std::uint32_t const d = valid ? digit_of.Digit(key_in[p]) : 0u;
+        unsigned int match = __ballot_sync(0xFFFFFFFFu, valid);
+#pragma unroll
+        for (int b = 0; b < rank_bits; ++b) {
+          unsigned int const set = __ballot_sync(0xFFFFFFFFu, ((d >> b) & 1u) != 0);
+          match &= ((lane >> b) & 1u) != 0 ? set : ~set;
+        }
+        count += __popc(match);
       }
-      emit(rank, sel_idx[i]);
+      __syncthreads();  // the counters are zero
+      if (lane < digits) { atomicAdd(&sh.digit_start[lane], count); }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int run = 0;
+        for (int d = 0; d < digits; ++d) {
+          int const c = sh.digit_start[d];
+          sh.digit_start[d] = run;
+          run += c;
+        }
+      }
+      __syncthreads();
+      for (int base = 0; base < r; base += tile) {
+        unsigned long long k[scan_items];
+        std::int32_t id[scan_items];
+        int ranks[scan_items];
+        int prefix[1];
+#pragma unroll
+        for (int u = 0; u < scan_items; ++u) {
+          int const p = base + static_cast<int>(threadIdx.x) * scan_items + u;
+          // Past the end: the last digit, ranked after every real key of the tile.
+          k[u] = p < r ? key_in[p] : ~0ull;
+          id[u] = p < r ? idx_in[p] : -1;
+        }
+        block_rank(sh.order.rank).RankKeys(k, ranks, digit_of, prefix);
+        if (threadIdx.x < digits) { sh.tile_start[threadIdx.x] = prefix[0]; }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < scan_items; ++u) {
+          int const p = base + static_cast<int>(threadIdx.x) * scan_items + u;
+          if (p >= r) { continue; }
+          std::uint32_t const d = digit_of.Digit(k[u]);
+          int const pos = sh.digit_start[d] + ranks[u] - sh.tile_start[d];
+          key_out[pos] = k[u];
+          idx_out[pos] = id[u];
+        }
+        __syncthreads();
+        if (threadIdx.x < digits) {
+          int const in_tile = r - base < tile ? r - base : tile;
+          int const next = threadIdx.x + 1 < digits ? sh.tile_start[threadIdx.x + 1] : in_tile;
+          sh.digit_start[threadIdx.x] += next - sh.tile_start[threadIdx.x];
+        }
+        __syncthreads();  // the rank storage and the starts are reused by the next tile
+      }
+      unsigned long long* const kt = key_in;
+      std::int32_t* const it = idx_in;
+      key_in = key_out;
+      idx_in = idx_out;
+      key_out = kt;
+      idx_out = it;
     }
+    for (int p = static_cast<int>(threadIdx.x); p < r; p += block_threads) { emit(p, idx_in[p]); }
   }
   __syncthreads();
   return r;
@@ -347,8 +502,8 @@ struct table_args {
   std::int32_t* ins_evicted;    // [rows, n] out
   std::int32_t* ins_count;      // [rows] out
   std::int32_t* counters;       // [rows, 4] out: hits, misses, bypassed, bad keys
-  unsigned long long* sel_key;  // [rows, managed] scratch
-  std::int32_t* sel_idx;        // [rows, managed] scratch
+  unsigned long long* sel_key;  // [rows, 2 * managed] scratch
+  std::int32_t* sel_idx;        // [rows, 2 * managed] scratch
   unsigned long long* key_cache;  // [rows, managed] scratch when the keys do not fit in shared memory
   bool keys_in_smem;            // eviction keys in dynamic shared memory (managed * 8 bytes)
   // Optional row pointers [rows, n] (null: none): hot row, store row when bypassed, null for padding.
@@ -419,7 +574,25 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     }
   };
   std::int32_t key0[scan_items], slot0[scan_items];
-  lookup(static_cast<int>(threadIdx.x) * scan_items, key0, slot0);
+  int const j00 = static_cast<int>(threadIdx.x) * scan_items;
+  std::int32_t const key_before = j00 > 0 && j00 <= a.n ? keys[j00 - 1] : -1;
+  lookup(j00, key0, slot0);
+  // Distinct-keys path: one tile whose valid keys strictly increase, with
+  // any padding or bad keys after the last valid one (the scorer's output).
+  // No key repeats, so every miss is its key's first occurrence: no claims
+  // in the map, and each insert writes its slot straight to its position.
+  bool ascending = a.n <= tile;
+  {
+    auto valid_key = [&](std::int32_t k) { return k >= 0 && k < a.key_bound; };
+    std::int32_t prev = key_before;
+#pragma unroll
+    for (int u = 0; u < scan_items; ++u) {
+      if (j00 + u < a.n && j00 + u > 0 && valid_key(key0[u]) && !(valid_key(prev) && prev < key0[u])) {
+        ascending = false;
+      }
+      prev = key0[u];
+    }
+  }
 
   if (fast) {
     float const* score = a.score + rm;
@@ -448,7 +621,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     }
     for (int w = static_cast<int>(threadIdx.x); w < (a.managed + 31) / 32; w += block_threads) { s_pins[w] = 0; }
   }
-  __syncthreads();
+  bool const distinct = __syncthreads_and(ascending ? 1 : 0) != 0;
   if (!fast && sh.flags[0] != 0) {
     for (int s = static_cast<int>(threadIdx.x); s < a.managed; s += block_threads) { pinned[s] = 0; }
     __syncthreads();
@@ -485,7 +658,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
           first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
         }
       }
-      if (s[u] < 0 && valid) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
+      if (s[u] < 0 && valid && !distinct) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
     }
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
@@ -497,7 +670,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
       }
     }
   }
-  __syncthreads();
+  if (!distinct) { __syncthreads(); }  // the claims are in the map
 
   // 2. Distinct misses in first-occurrence order (the first tile from
   //    registers); the first tile of them is mirrored in shared memory.
@@ -516,7 +689,10 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         key[u] = j0 + u < a.n ? keys[j0 + u] : -1;
         miss = j0 + u < a.n && hit[j0 + u] == 0;
       }
-      flags[u] = miss && key[u] >= 0 && key[u] < a.key_bound && slot_of[key[u]] == claim_base + j0 + u ? 1 : 0;
+      flags[u] = miss && key[u] >= 0 && key[u] < a.key_bound &&
+                     (distinct || slot_of[key[u]] == claim_base + j0 + u)
+                   ? 1
+                   : 0;
     }
     int tile_total = 0;
     block_scan(sh.temp.scan).ExclusiveSum(flags, ranks, tile_total);
@@ -525,7 +701,10 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
       if (flags[u] == 0) { continue; }
       int const rank = misses + ranks[u];
       ins_key[rank] = key[u];
-      if (rank < tile) { sh.ins_key[rank] = key[u]; }
+      if (rank < tile) {
+        sh.ins_key[rank] = key[u];
+        sh.ins_pos[rank] = static_cast<std::uint16_t>(j0 + u);  // distinct path: j0 + u < tile
+      }
     }
     misses += tile_total;
     __syncthreads();
@@ -549,13 +728,14 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     policy.on_insert(state, static_cast<std::uint32_t>(s), step);
     ins_slot[i] = s;
     ins_evicted[i] = evicted;
+    if (distinct) { slots[sh.ins_pos[i]] = s; }
   };
   for (int i = static_cast<int>(threadIdx.x); i < to_free; i += block_threads) { insert(i, used + i); }
   int inserted = to_free;
   if constexpr (gpu::victim_is_argmin_v<Policy>) {
     if (misses > to_free) {
-      unsigned long long* sk = a.sel_key + rm;
-      std::int32_t* si = a.sel_idx + rm;
+      unsigned long long* sk = a.sel_key + 2 * rm;
+      std::int32_t* si = a.sel_idx + 2 * rm;
       // The r-th smallest candidate goes to the (to_free + r)-th miss.
       auto to_victim = [&](int rank, int sl) { insert(to_free + rank, sl); };
       if (fast) {
@@ -607,14 +787,15 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     __syncthreads();
     inserted = sh.count;
   }
-  for (int i = inserted + static_cast<int>(threadIdx.x); i < misses; i += block_threads) {
-    slot_of[inserted_key(i)] = -1;
+  for (int i = inserted + static_cast<int>(threadIdx.x); i < misses && !distinct; i += block_threads) {
+    slot_of[inserted_key(i)] = -1;  // the bypassed keys' claims
   }
   __syncthreads();
 
-  // 5. Every occurrence of a miss gets its key's slot (-1 when bypassed); row pointers.
+  // 5. Every occurrence of a miss gets its key's slot (-1 when bypassed); row
+  //    pointers. On the distinct-keys path the inserts wrote the slots.
   int bypassed = 0;
-  for (int base = 0; base < a.n; base += tile) {
+  for (int base = 0; base < a.n && !(distinct && a.k_ptr == nullptr); base += tile) {
     int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
     std::int32_t key[scan_items], s[scan_items];
 #pragma unroll
@@ -625,7 +806,9 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
       bool const miss = key[u] >= 0 && key[u] < a.key_bound && s[u] < 0;
-      if (miss) {
+      if (miss && distinct) {
+        ++bypassed;
+      } else if (miss) {
         s[u] = slot_of[key[u]];
         slots[j0 + u] = s[u];
         bypassed += s[u] < 0 ? 1 : 0;
@@ -672,7 +855,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     std::int32_t* c = a.counters + row * 4;
     c[0] = sh.flags[0];
     c[1] = sh.flags[1] - sh.flags[0];  // misses are occurrences: valid entries that did not hit
-    c[2] = sh.flags[2];
+    c[2] = distinct && a.k_ptr == nullptr ? misses - inserted : sh.flags[2];
     c[3] = sh.flags[3];
   }
 }
@@ -762,8 +945,8 @@ struct block_args {
   std::int32_t const* offloaded;  // [seqs] positions in the store (device)
   std::int32_t* rows;           // [seqs, kv_heads, k] out, or null
   std::int32_t* distinct;       // [seqs, kv_heads * k] scratch: this step's blocks
-  unsigned long long* sel_key;  // [seqs, kv_heads * k] scratch
-  std::int32_t* sel_idx;        // [seqs, kv_heads * k] scratch
+  unsigned long long* sel_key;  // [seqs, 2 * kv_heads * k] scratch
+  std::int32_t* sel_idx;        // [seqs, 2 * kv_heads * k] scratch
   std::int32_t* ranked;         // [seqs, per_step] scratch: kept blocks, busiest first
   std::int32_t* promoted;       // [seqs, per_step] out
   std::int32_t* ins_block;      // [seqs, per_step] out
@@ -837,7 +1020,7 @@ __global__ void __launch_bounds__(block_threads) block_lfu_step_kernel(block_arg
       std::int32_t const b = distinct[i];
       return (static_cast<unsigned long long>(~count[b]) << 32) | static_cast<std::uint32_t>(b);
     },
-    [&](int) { return true; }, a.sel_key + seq * entries, a.sel_idx + seq * entries,
+    [&](int) { return true; }, a.sel_key + 2 * seq * entries, a.sel_idx + 2 * seq * entries,
     [&](int rank, int i) { ranked[rank] = i; }, sh);
   for (int i = static_cast<int>(threadIdx.x); i < kept; i += block_threads) { ranked[i] = distinct[ranked[i]]; }
   __syncthreads();

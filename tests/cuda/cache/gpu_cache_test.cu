@@ -260,7 +260,7 @@ TEST_CASE("gpu::slot_table: eviction keys past shared memory (global scratch) ma
   compare_table<pqkv::cache::lfu>(trace::local, 5200, pqkv::cpu::reserve::newest, 2000, 4, true, 11, {}, 24000, 4096);
 }
 
-TEST_CASE("gpu::slot_table: more victims in one step than a sort tile (rank-sort path) match too")
+TEST_CASE("gpu::slot_table: more victims in one step than a sort tile (LSD sort path) match too")
 {
   PQKV_REQUIRE_GPU();
   // 2600 fresh keys a step into 3000 slots: from the second step on, 2200 victims.
