@@ -8,7 +8,11 @@
 /// lookup through a dense key -> slot map, first-occurrence detection by an
 /// atomicMin claim in that map, order-preserving compactions by block scans,
 /// and victims by a block-wide radix select over 64-bit (score, stamp) keys
-/// followed by a rank sort of the few selected. Nothing leaves the device.
+/// followed by a sort of the selected. Nothing leaves the device.
+///
+/// The step runs once per block and is a long, branchy program: on an H100 a
+/// third of its stall cycles wait for instruction fetch, so code size counts
+/// (one select serves both eviction-key sources; loops stay rolled).
 
 #include <pqkv/cache/gpu_policies.cuh>
 #include <pqkv/cache/policy.hpp>
@@ -49,7 +53,8 @@ using block_scan_u64 = cub::BlockScan<unsigned long long, block_threads>;
 using block_reduce_range = cub::BlockReduce<key_range, block_threads>;
 using block_reduce_int = cub::BlockReduce<int, block_threads>;
 using block_sort = cub::BlockRadixSort<unsigned long long, block_threads, scan_items, std::int32_t>;
-using block_sort_small = cub::BlockRadixSort<unsigned long long, block_threads, 1, std::int32_t>;
+/// Selections up to this size are ranked pair against pair instead of radix sorted.
+inline constexpr int rank_sort_max = 256;
 /// Stable ranks of a tile by one 4-bit digit: the passes of the large-selection sort.
 inline constexpr int rank_bits = 4;
 using block_rank = cub::BlockRadixRank<block_threads, rank_bits, false>;
@@ -69,7 +74,6 @@ struct shared_scratch {
       std::int32_t idx[tile];
     } sel;
     block_sort::TempStorage sort;
-    block_sort_small::TempStorage sort_small;
     block_rank::TempStorage rank;
   } order;
   /// The first tile of a step's inserted keys (the slot table's misses), and
@@ -145,11 +149,10 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// select of the threshold key T, 8 bits a pass from the highest bit where
 /// the keys still in play differ (each pass narrows their range first),
 /// stopping early once the chosen bucket is taken whole; one ordered
-/// compaction of the keys below T and the first keys equal to T; then a
-/// stable radix sort over the bits that still differ: one pair per thread up
-/// to block_threads pairs, a tile at most in shared memory (pairs that differ
-/// in many bits are ranked against each other instead), and beyond a tile an
-/// LSD sort in global scratch, 4 bits a pass.
+/// compaction of the keys below T and the first keys equal to T; then the
+/// order: up to rank_sort_max pairs rank each against the others, up to a
+/// tile a stable block radix sort over the bits that still differ, beyond a
+/// tile an LSD radix sort in global scratch, 4 bits a pass.
 template <class KeyAt, class Cand, class Emit>
 __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
                                std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
@@ -368,9 +371,9 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         int const p = static_cast<int>(threadIdx.x) * scan_items + u;
         if (p < r) { emit(p, idx[u]); }
       }
-    } else if (bits > 16 && r <= block_threads) {
-      // Many radix passes for few pairs: rank each pair against the others
-      // instead (shared-memory broadcasts; index order breaks key ties).
+    } else if (r <= rank_sort_max) {
+      // Few pairs: rank each against the others (shared-memory broadcasts;
+      // index order breaks key ties) instead of radix passes.
       int const i = static_cast<int>(threadIdx.x);
       if (i < r) {
         unsigned long long const ki = sh.order.sel.key[i];
@@ -381,14 +384,6 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         }
         emit(rank, sh.order.sel.idx[i]);
       }
-    } else if (r <= block_threads) {
-      // One pair per thread: a quarter of the tile sort's work per pass.
-      int const i = static_cast<int>(threadIdx.x);
-      unsigned long long key1[1] = {i < r ? sh.order.sel.key[i] - lo : ~0ull};
-      std::int32_t idx1[1] = {i < r ? sh.order.sel.idx[i] : -1};
-      __syncthreads();  // the sort's storage overlays the pairs
-      block_sort_small(sh.order.sort_small).Sort(key1, idx1, 0, bits);
-      if (i < r) { emit(i, idx1[0]); }
     } else {
       __syncthreads();  // the sort's storage overlays the pairs
       block_sort(sh.order.sort).Sort(key, idx, 0, bits);
@@ -597,6 +592,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   if (fast) {
     float const* score = a.score + rm;
     std::uint32_t const* stamp = a.stamp + rm;
+    int const occupied = static_cast<int>(a.used[row]);
     // 8 slots per thread in flight: the loads are one round trip per 4096 slots.
     constexpr int preload_items = 8;
     for (int s0 = static_cast<int>(threadIdx.x); s0 < a.managed; s0 += block_threads * preload_items) {
@@ -615,7 +611,9 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
       for (int u = 0; u < preload_items; ++u) {
         int const at = s0 + u * block_threads;
         if (at >= a.managed) { continue; }
-        s_evict_key[at] = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+        // Free slots hold the sentinel ~0 (no candidate); so will the pinned ones.
+        unsigned long long const k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
+        s_evict_key[at] = at >= occupied ? ~0ull : (k == ~0ull ? ~0ull - 1 : k);
         s_key_of[at] = kof[u];
       }
     }
@@ -654,6 +652,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         if (fast) {
           std::uint32_t const bit = 1u << (s[u] & 31);
           first[u] = (atomicOr(&s_pins[s[u] >> 5], bit) & bit) == 0 ? 1u : 0u;
+          if (first[u] != 0) { s_evict_key[s[u]] = ~0ull; }  // pinned: no longer a candidate
         } else {
           first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
         }
@@ -738,16 +737,17 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
       std::int32_t* si = a.sel_idx + 2 * rm;
       // The r-th smallest candidate goes to the (to_free + r)-th miss.
       auto to_victim = [&](int rank, int sl) { insert(to_free + rank, sl); };
-      if (fast) {
-        // Candidates: occupied (below `used`) and not pinned by this step.
-        inserted += select_smallest(
-          a.managed, misses - to_free, [&](int sl) { return s_evict_key[sl]; },
-          [&](int sl) { return sl < used && (s_pins[sl >> 5] & (1u << (sl & 31))) == 0; }, sk, si, to_victim, sh);
-      } else {
+      // The candidates' eviction keys, (ordered score bits, stamp), with the
+      // sentinel ~0 for the others (free, i.e. at or past `used`, or pinned
+      // by this step): in shared memory on the fast path, else computed once
+      // into global scratch. One select serves both.
+      unsigned long long const* evict_key = s_evict_key;
+      if (!fast) {
         // Eviction keys of the candidates, once, in global scratch: (ordered
         // score bits, stamp); non-candidates (free, i.e. at or past `used`, or
         // pinned by this step) hold the sentinel ~0.
         unsigned long long* kc = a.key_cache + rm;
+        evict_key = kc;
         float const* score = state.score;
         std::uint32_t const* stamp = state.stamp;
         for (int s0 = static_cast<int>(threadIdx.x) * scan_items; s0 < a.managed; s0 += tile) {
@@ -768,10 +768,10 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
           }
         }
         __syncthreads();
-        inserted += select_smallest(
-          a.managed, misses - to_free, [&](int sl) { return kc[sl]; }, [&](int sl) { return kc[sl] != ~0ull; }, sk,
-          si, to_victim, sh);
       }
+      inserted += select_smallest(
+        a.managed, misses - to_free, [&](int sl) { return evict_key[sl]; },
+        [&](int sl) { return evict_key[sl] != ~0ull; }, sk, si, to_victim, sh);
     }
   } else {
     __syncthreads();
