@@ -536,13 +536,17 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
   std::int32_t* ins_evicted = a.ins_evicted + row * a.n;
 
   // Fast path (a batched-victim policy whose slots fit in shared memory): the
-  // slots' eviction keys and keys are loaded into shared memory while the
-  // first tile's lookups are in flight, and this step's pins are a shared bit
-  // set; the step then reads no slot state from global memory again.
+  // slots' state (score, stamp, key, eviction key) is loaded into shared
+  // memory while the first tile's lookups are in flight, and this step's pins
+  // are a shared bit set. The policy updates the shared copy, which is
+  // written back whole and coalesced at the end: scattered per-hit global
+  // stores and read-modify-writes cost more than that.
   bool const fast = gpu::victim_is_argmin_v<Policy> && a.keys_in_smem;
   extern __shared__ unsigned long long dyn_smem[];
   unsigned long long* s_evict_key = dyn_smem;                                      // [managed]
-  auto* s_key_of = reinterpret_cast<std::int32_t*>(dyn_smem + a.managed);          // [managed]
+  auto* s_score = reinterpret_cast<float*>(dyn_smem + a.managed);                  // [managed]
+  auto* s_stamp = reinterpret_cast<std::uint32_t*>(s_score + a.managed);           // [managed]
+  auto* s_key_of = reinterpret_cast<std::int32_t*>(s_stamp + a.managed);           // [managed]
   auto* s_pins = reinterpret_cast<std::uint32_t*>(s_key_of + a.managed);           // [ceil(managed / 32)]
   __shared__ int s_used;
   if (threadIdx.x == 0) {
@@ -614,6 +618,8 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         // Free slots hold the sentinel ~0 (no candidate); so will the pinned ones.
         unsigned long long const k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
         s_evict_key[at] = at >= occupied ? ~0ull : (k == ~0ull ? ~0ull - 1 : k);
+        s_score[at] = sc[u];
+        s_stamp[at] = stp[u];
         s_key_of[at] = kof[u];
       }
     }
@@ -625,7 +631,10 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     __syncthreads();
   }
   std::uint32_t const step = s_step;
-  cache::slot_state state{a.score + rm, a.stamp + rm, pinned, static_cast<std::uint32_t>(a.managed), step};
+  // The policy's view: the shared copy on the fast path (pins live in the bit set).
+  cache::slot_state state = fast ? cache::slot_state{s_score, s_stamp, nullptr, static_cast<std::uint32_t>(a.managed), step}
+                                 : cache::slot_state{a.score + rm, a.stamp + rm, pinned,
+                                                     static_cast<std::uint32_t>(a.managed), step};
 
   // 1. Hits; misses claim their key with the lowest position holding it.
   int hits = 0, bad = 0, valid_count = 0;
@@ -835,6 +844,17 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
       }
     }
   }
+  if (fast) {
+    // Every occupied slot's state back to global memory, coalesced (the
+    // inserts' writes to shared memory are behind the barrier above).
+    float* score = a.score + rm;
+    std::uint32_t* stamp = a.stamp + rm;
+    int const occupied = used + to_free;
+    for (int sl = static_cast<int>(threadIdx.x); sl < occupied; sl += block_threads) {
+      score[sl] = s_score[sl];
+      stamp[sl] = s_stamp[sl];
+    }
+  }
   // Counters: warp sums, then one shared atomic per warp and counter.
   if (threadIdx.x < 4) { sh.flags[threadIdx.x] = 0; }
   __syncthreads();
@@ -861,11 +881,12 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
 }
 
 /// Dynamic shared memory of the step's fast path: per slot its eviction key,
-/// its key and a pin bit.
+/// its score, stamp and key and a pin bit.
 inline std::size_t table_smem_bytes(int managed)
 {
   auto const m = static_cast<std::size_t>(managed);
-  return m * (sizeof(unsigned long long) + sizeof(std::int32_t)) + (m + 31) / 32 * sizeof(std::uint32_t);
+  return m * (sizeof(unsigned long long) + sizeof(float) + 2 * sizeof(std::uint32_t)) +
+         (m + 31) / 32 * sizeof(std::uint32_t);
 }
 
 /// Raises the step kernel's dynamic shared memory limit on the current device
@@ -881,8 +902,8 @@ int prepare_table_step()
   cudaFuncAttributes attr{};
   PQKV_CUDA_TRY(cudaFuncGetAttributes(&attr, table_step_kernel<Policy>));
   int const room = optin - static_cast<int>(attr.sharedSizeBytes);
-  // The most slots whose fast-path state fits (12 bytes and a bit each).
-  int slots = room > 0 ? static_cast<int>(static_cast<long long>(room) * 8 / 97) : 0;
+  // The most slots whose fast-path state fits (20 bytes and a bit each).
+  int slots = room > 0 ? static_cast<int>(static_cast<long long>(room) * 8 / 161) : 0;
   while (slots > 0 && table_smem_bytes(slots) > static_cast<std::size_t>(room)) { --slots; }
   if (slots == 0) { return 0; }
   PQKV_CUDA_TRY(cudaFuncSetAttribute(table_step_kernel<Policy>, cudaFuncAttributeMaxDynamicSharedMemorySize,
