@@ -34,6 +34,7 @@ namespace pqkv::detail::cache_gpu {
 inline constexpr int block_threads = 512;
 inline constexpr int scan_items = 4;  ///< consecutive entries per thread in a scan tile
 inline constexpr int tile = block_threads * scan_items;
+inline constexpr int warps = block_threads / 32;
 inline constexpr std::int32_t claim_base = std::numeric_limits<std::int32_t>::min();
 
 /// Count and key range of a candidate set, reduced in one block-wide pass.
@@ -49,7 +50,6 @@ struct merge_key_range {
 };
 
 using block_scan = cub::BlockScan<int, block_threads>;
-using block_scan_u64 = cub::BlockScan<unsigned long long, block_threads>;
 using block_reduce_range = cub::BlockReduce<key_range, block_threads>;
 using block_reduce_int = cub::BlockReduce<int, block_threads>;
 using block_sort = cub::BlockRadixSort<unsigned long long, block_threads, scan_items, std::int32_t>;
@@ -62,7 +62,6 @@ using block_rank = cub::BlockRadixRank<block_threads, rank_bits, false>;
 struct shared_scratch {
   union {
     block_scan::TempStorage scan;
-    block_scan_u64::TempStorage scan64;
     block_reduce_range::TempStorage range;
     block_reduce_int::TempStorage reduce;
   } temp;
@@ -80,7 +79,8 @@ struct shared_scratch {
   /// on the distinct-keys path the position each came from.
   std::int32_t ins_key[tile];
   std::uint16_t ins_pos[tile];
-  unsigned int hist[256];
+  unsigned int hist[256];  ///< the radix select's histogram
+  int warp_count[warps];   ///< the compaction: per warp (equal << 16 | below)
   unsigned long long warp_lo[block_threads / 32], warp_hi[block_threads / 32];
   int digit_start[1 << rank_bits];  // the large-selection sort: a digit's first output position
   int tile_start[1 << rank_bits];   // and its first rank in the current tile
@@ -234,9 +234,9 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
       int const shift = top >= 7 ? top - 7 : 0;
       // Histogram of the digit at `shift` (the keys in play share every bit
       // above it). The warp's lanes that share its first active lane's digit
-      // add as one: keys of one step often share a stamp, and same-address
-      // shared atomics serialize.
+      // add as one: keys of one step often share a stamp.
       unsigned int const lane = threadIdx.x & 31u;
+      unsigned int* hist = sh.hist;
       for (int i0 = static_cast<int>(threadIdx.x - lane); i0 < n; i0 += block_threads) {
         int const i = i0 + static_cast<int>(lane);
         unsigned long long k = 0;
@@ -251,8 +251,8 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
         int const leader = __ffs(static_cast<int>(active)) - 1;
         unsigned int const lead_digit = __shfl_sync(0xFFFFFFFFu, digit, leader);
         unsigned int const same = __ballot_sync(0xFFFFFFFFu, in_play && digit == lead_digit);
-        if (static_cast<int>(lane) == leader) { atomicAdd(&sh.hist[lead_digit], static_cast<unsigned int>(__popc(same))); }
-        if (in_play && digit != lead_digit) { atomicAdd(&sh.hist[digit], 1u); }
+        if (static_cast<int>(lane) == leader) { atomicAdd(&hist[lead_digit], static_cast<unsigned int>(__popc(same))); }
+        if (in_play && digit != lead_digit) { atomicAdd(&hist[digit], 1u); }
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -312,44 +312,65 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
   }
 
   // The selected pairs in index order: rank = keys below T before i + the
-  // taken keys equal to T before i. One scan of packed (equal, below) counts.
+  // taken keys equal to T before i. A tile of 4096 candidates: warp w takes
+  // the 256 from base + 256 w, its lanes striped (conflict-free loads);
+  // ballots rank within the warp, one barrier publishes the warps' counts.
   bool const in_smem = r <= tile;
-  constexpr int pair_items = 2 * scan_items;  // 4096 candidates a pass
-  constexpr int pair_tile = block_threads * pair_items;
-  unsigned long long off = 0;  // (equal << 32) | below, over the previous tiles
-  for (int base = 0; base < n; base += pair_tile) {
-    unsigned long long flags[pair_items], ranks[pair_items], key[pair_items];
+  constexpr int per_lane = 8;
+  constexpr int warp_span = 32 * per_lane;
+  {
+    unsigned int const lane = threadIdx.x & 31u;
+    unsigned int const lanes_below = (1u << lane) - 1u;
+    int const warp = static_cast<int>(threadIdx.x / 32);
+    int run_below = 0, run_equal = 0;  // over the previous tiles
+    for (int base = 0; base < n; base += warps * warp_span) {
+      unsigned long long key[per_lane];
+      unsigned int below[per_lane], equal[per_lane];
+      int warp_below = 0, warp_equal = 0;
 #pragma unroll
-    for (int u = 0; u < pair_items; ++u) {
-      int const i = base + static_cast<int>(threadIdx.x) * pair_items + u;
-      flags[u] = 0;
-      key[u] = 0;
-      if (i < n && cand(i)) {
-        key[u] = key_at(i);
-        flags[u] = key[u] < threshold ? 1ull : (key[u] == threshold ? 1ull << 32 : 0ull);
+      for (int u = 0; u < per_lane; ++u) {
+        int const i = base + warp * warp_span + u * 32 + static_cast<int>(lane);
+        bool const c = i < n && cand(i);
+        key[u] = c ? key_at(i) : 0;
+        below[u] = __ballot_sync(0xFFFFFFFFu, c && key[u] < threshold);
+        equal[u] = __ballot_sync(0xFFFFFFFFu, c && key[u] == threshold);
+        warp_below += __popc(below[u]);
+        warp_equal += __popc(equal[u]);
       }
-    }
-    unsigned long long tile_total = 0;
-    block_scan_u64(sh.temp.scan64).ExclusiveSum(flags, ranks, tile_total);
+      if (lane == 0) { sh.warp_count[warp] = (warp_equal << 16) | warp_below; }
+      __syncthreads();
+      int n_below = run_below, n_equal = run_equal;
 #pragma unroll
-    for (int u = 0; u < pair_items; ++u) {
-      if (flags[u] == 0) { continue; }
-      unsigned long long const before = off + ranks[u];
-      auto const below = static_cast<int>(before & 0xFFFFFFFFull);
-      auto const equal = static_cast<int>(before >> 32);
-      if (flags[u] != 1ull && equal >= take_equal) { continue; }
-      int const pos = below + (equal < take_equal ? equal : take_equal);
-      int const i = base + static_cast<int>(threadIdx.x) * pair_items + u;
-      if (in_smem) {
-        sh.order.sel.key[pos] = key[u];
-        sh.order.sel.idx[pos] = i;
-      } else {
-        sel_key[pos] = key[u] - lo;
-        sel_idx[pos] = i;
+      for (int w = 0; w < warps; ++w) {
+        int const c = sh.warp_count[w];
+        if (w < warp) {
+          n_below += c & 0xFFFF;
+          n_equal += c >> 16;
+        }
+        run_below += c & 0xFFFF;
+        run_equal += c >> 16;
       }
+#pragma unroll
+      for (int u = 0; u < per_lane; ++u) {
+        bool const is_below = ((below[u] >> lane) & 1u) != 0;
+        bool const is_equal = ((equal[u] >> lane) & 1u) != 0;
+        int const b = n_below + __popc(below[u] & lanes_below);
+        int const e = n_equal + __popc(equal[u] & lanes_below);
+        n_below += __popc(below[u]);
+        n_equal += __popc(equal[u]);
+        if (!is_below && !(is_equal && e < take_equal)) { continue; }
+        int const pos = b + (e < take_equal ? e : take_equal);
+        int const i = base + warp * warp_span + u * 32 + static_cast<int>(lane);
+        if (in_smem) {
+          sh.order.sel.key[pos] = key[u];
+          sh.order.sel.idx[pos] = i;
+        } else {
+          sel_key[pos] = key[u] - lo;
+          sel_idx[pos] = i;
+        }
+      }
+      __syncthreads();  // the warp counts are rewritten by the next tile, the pairs read next
     }
-    off += tile_total;
-    __syncthreads();
   }
 
   if (in_smem) {
