@@ -276,7 +276,7 @@ class code_attention {
                  " is less than workspace_bytes()=", workspace_bytes());
     PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
     kern::expect_aligned(workspace.data(), 256, where, "workspace.data()");
-    kern::expect_device(device_, where);
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     expect_device_pointer(q.data_handle(), where, "q.data_handle()");
     expect_device_pointer(kcent.data_handle(), where, "key_centroids.data_handle()");
     expect_device_pointer(vcent.data_handle(), where, "value_centroids.data_handle()");

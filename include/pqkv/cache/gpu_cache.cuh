@@ -38,7 +38,9 @@
 /// pin), allocated and reset at construction; a call allocates nothing, never
 /// synchronizes, and can be captured in a CUDA graph. The hot K/V buffers are
 /// the caller's. Calls of one table must be stream-ordered (they share the
-/// per-call outputs, valid until the next call).
+/// per-call outputs, valid until the next call). Each table and cache lives
+/// on the device current at construction; calls from another device throw
+/// `pqkv::error` (multi-GPU engines build one per device).
 
 #include <pqkv/cache/block_lfu.hpp>
 #include <pqkv/cache/gpu_policies.cuh>
@@ -46,6 +48,7 @@
 #include <pqkv/cache/slot_table.hpp>
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/device_buffer.cuh>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
 #include <pqkv/detail/gpu_cache_kernels.cuh>
@@ -113,13 +116,15 @@ struct row_pointers {
   view<T const*, 3> values{};
 };
 
-/// The GPU token-row cache (see the file comment).
+/// The GPU token-row cache (see the file comment). Lives on the device
+/// current at construction; calls from another device throw.
 template <GpuCachePolicy Policy = cache::lru>
 class slot_table {
  public:
   explicit slot_table(slot_table_shape const& shape, Policy policy = Policy{}) : shape_{shape}, policy_{policy}
   {
     shape_.validate("gpu::slot_table");
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
     auto const rows = static_cast<std::size_t>(shape_.batch * shape_.kv_heads);
     auto const all = rows * static_cast<std::size_t>(shape_.layers);
     auto const managed = static_cast<std::size_t>(shape_.managed());
@@ -154,6 +159,8 @@ class slot_table {
 
   [[nodiscard]] slot_table_shape const& shape() const noexcept { return shape_; }
   [[nodiscard]] Policy const& policy() const noexcept { return policy_; }
+  /// The device the table was built on; its state and calls live there.
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// Slots the policy manages per row.
   [[nodiscard]] std::uint32_t managed_slots() const noexcept { return shape_.managed(); }
   /// The reserved slot, -1 without `reserve::newest`.
@@ -189,6 +196,7 @@ class slot_table {
   void access(index_t layer, view<std::int32_t const, 3> keys, std::span<std::int32_t const> newest,
               view<std::int32_t, 3> slots, cudaStream_t stream)
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "gpu::slot_table.access");
     auto a = args(layer, keys, newest, slots, "gpu::slot_table.access");
     if (keys.extent(2) == 0) { return; }
     pqkv::detail::cache_gpu::launch_table_step(a, policy_, static_cast<int>(shape_.batch * shape_.kv_heads), stream);
@@ -204,6 +212,7 @@ class slot_table {
             std::int32_t* rejected, cudaStream_t stream, row_pointers<T> pointers = {})
   {
     constexpr char const* where = "gpu::slot_table.step";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     auto a = args(layer, keys, newest, slots, where);
     auto const& s = store.shape;
     PQKV_EXPECTS(store.keys != nullptr && store.values != nullptr && store.committed != nullptr, where,
@@ -254,12 +263,14 @@ class slot_table {
   /// Empties every layer (preemption, a new batch), on `stream`.
   void reset(cudaStream_t stream)
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "gpu::slot_table.reset");
     for (index_t l = 0; l < shape_.layers; ++l) { reset(l, stream); }
   }
 
   /// Empties one layer, on `stream`.
   void reset(index_t layer, cudaStream_t stream)
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "gpu::slot_table.reset");
     PQKV_EXPECTS(layer >= 0 && layer < shape_.layers, "gpu::slot_table.reset", "layer=", layer, " is outside [0, ",
                  shape_.layers, ")");
     pqkv::detail::cache_gpu::launch_table_reset(layer_args(layer), static_cast<int>(shape_.batch * shape_.kv_heads),
@@ -328,6 +339,7 @@ class slot_table {
 
   slot_table_shape shape_;
   Policy policy_;
+  int device_ = 0;                           // current at construction: owns the state, runs the calls
   device_buffer<std::int32_t> slot_of_;      // [layers, rows, key_bound]
   device_buffer<std::int32_t> key_of_;       // [layers, rows, managed]
   device_buffer<float> score_;               // [layers, rows, managed]
@@ -364,7 +376,8 @@ struct block_step_ref {
 /// on, and `offloaded_tokens` read per sequence from device memory (e.g. the
 /// store's committed counts of the layer). `copy_blocks` then copies the
 /// blocks the step marked for copying from the store into the hot buffer
-/// [batch, kv_heads, capacity_blocks * block_tokens, head_dim].
+/// [batch, kv_heads, capacity_blocks * block_tokens, head_dim]. Lives on the
+/// device current at construction; calls from another device throw.
 class block_lfu_cache {
  public:
   block_lfu_cache(cpu::block_lfu_config const& cfg, index_t layers, index_t batch, index_t kv_heads, index_t max_k)
@@ -372,6 +385,7 @@ class block_lfu_cache {
   {
     constexpr char const* where = "gpu::block_lfu_cache";
     cfg_.validate(where);
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
     PQKV_EXPECTS(layers > 0 && batch > 0 && kv_heads > 0 && max_k > 0, where, "layers=", layers, ", batch=", batch,
                  ", kv_heads=", kv_heads, ", max_k=", max_k, " must be positive");
     PQKV_EXPECTS(kv_heads * max_k < index_t{1} << 30, where, "kv_heads * max_k=", kv_heads * max_k, " is too large");
@@ -388,7 +402,7 @@ class block_lfu_cache {
     size_ = device_buffer<std::uint32_t>(all);
     touch_ = device_buffer<std::uint32_t>(all);
     distinct_ = device_buffer<std::int32_t>(entries);
-    sel_key_ = device_buffer<unsigned long long>(2 * entries);
+    sel_key_ = device_buffer<unsigned long long>(3 * entries);  // the ranked keys, then the select's scratch
     sel_idx_ = device_buffer<std::int32_t>(2 * entries);
     auto const b = static_cast<std::size_t>(batch);
     ranked_ = device_buffer<std::int32_t>(b * per);
@@ -409,6 +423,8 @@ class block_lfu_cache {
   }
 
   [[nodiscard]] cpu::block_lfu_config const& config() const noexcept { return cfg_; }
+  /// The device the cache was built on; its state and calls live there.
+  [[nodiscard]] int device() const noexcept { return device_; }
   [[nodiscard]] block_step_ref last() const noexcept
   {
     return {promoted_.data(), ins_block_.data(), ins_slot_.data(), ins_evicted_.data(),
@@ -426,6 +442,7 @@ class block_lfu_cache {
             view<std::int32_t, 3> rows, cudaStream_t stream)
   {
     constexpr char const* where = "gpu::block_lfu_cache.step";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     PQKV_EXPECTS(layer >= 0 && layer < layers_, where, "layer=", layer, " is outside [0, ", layers_, ")");
     PQKV_EXPECTS(selection.extent(0) == batch_ && selection.extent(1) == kv_heads_, where, "selection extents (",
                  selection.extent(0), ", ", selection.extent(1), ", ", selection.extent(2),
@@ -458,6 +475,7 @@ class block_lfu_cache {
   void copy_blocks(kv_store_ref<T> const& store, index_t layer, view<T, 4> hot_k, view<T, 4> hot_v,
                    std::int32_t* rejected, cudaStream_t stream) const
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "gpu::block_lfu_cache.copy_blocks");
     index_t const n = static_cast<index_t>(cfg_.blocks_per_step) * cfg_.block_tokens;
     gather(store, layer, make_view(static_cast<std::int32_t const*>(copy_src_.data()), batch_, kv_heads_, n),
            make_view(static_cast<std::int32_t const*>(copy_dst_.data()), batch_, kv_heads_, n),
@@ -468,6 +486,7 @@ class block_lfu_cache {
   /// Empties every layer, as PQCache does at each prefill.
   void reset(cudaStream_t stream)
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "gpu::block_lfu_cache.reset");
     for (index_t l = 0; l < layers_; ++l) {
       pqkv::detail::cache_gpu::launch_block_lfu_reset(base_args(l), static_cast<int>(batch_), stream);
     }
@@ -513,6 +532,7 @@ class block_lfu_cache {
   index_t layers_, batch_, kv_heads_, max_k_;
   index_t max_blocks_ = 0;
   index_t last_k_ = 0;
+  int device_ = 0;                          // current at construction: owns the state, runs the calls
   device_buffer<std::int32_t> slot_of_;     // [layers, batch, max_blocks]
   device_buffer<std::uint32_t> count_;      // [layers, batch, max_blocks]
   device_buffer<std::int32_t> block_of_;    // [layers, batch, cap]

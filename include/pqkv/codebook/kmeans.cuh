@@ -65,6 +65,7 @@
 #include <pqkv/core/concepts.hpp>
 #include <pqkv/core/config.hpp>
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
@@ -161,6 +162,8 @@ struct layout {
 
 /// GPU k-means trainer of PQ codebooks; models
 /// `pqkv::Trainer<kmeans_trainer, Key, std::span<std::byte>, cudaStream_t>`.
+/// Lives on the device current at construction; calls from another device
+/// throw.
 class kmeans_trainer {
  public:
   /// Validates the config and limits (dsub supported, max_train_points 0 or
@@ -177,10 +180,10 @@ class kmeans_trainer {
     PQKV_EXPECTS(pqkv::detail::nearest_gpu::dsub_supported(cfg_.dsub()), where, "dim / m=", cfg_.dsub(),
                  " is not one of 4, 8, 16, 32, 64, 128");
     PQKV_EXPECTS(cfg_.dim <= 4096, where, "config.dim=", cfg_.dim, " exceeds 4096");
-    int device = 0, sms = 0, optin = 0;
-    PQKV_CUDA_TRY(cudaGetDevice(&device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    int sms = 0, optin = 0;
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
     auto const smem = pqkv::detail::kmeans_gpu::assign_smem_bytes(static_cast<int>(cfg_.dsub()),
                                                                   static_cast<int>(cfg_.ksub()));
     PQKV_EXPECTS(smem <= static_cast<std::size_t>(optin), where, "dsub=", cfg_.dsub(), ", ksub=", cfg_.ksub(),
@@ -206,6 +209,8 @@ class kmeans_trainer {
   [[nodiscard]] pq_config const& config() const noexcept { return cfg_; }
   [[nodiscard]] kmeans_limits const& limits() const noexcept { return limits_; }
   [[nodiscard]] assign_tuning const& tuning() const noexcept { return tuning_; }
+  /// The device the trainer was built on (calls must run there).
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// Whether the assignment step runs on the tensor cores.
   [[nodiscard]] bool uses_tensor_cores() const noexcept { return tc_; }
   /// Bytes of workspace a call up to the limits needs (256-byte aligned start).
@@ -245,6 +250,7 @@ class kmeans_trainer {
   [[nodiscard]] kmeans_report report(std::span<std::byte const> workspace, cudaStream_t stream) const
   {
     constexpr char const* where = "gpu::kmeans_trainer.report";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     PQKV_EXPECTS(workspace.size() >= sizeof(pqkv::detail::kmeans_gpu::header) && workspace.data() != nullptr, where,
                  "workspace is too small or null");
     pqkv::detail::kmeans_gpu::header hdr{};
@@ -289,6 +295,7 @@ class kmeans_trainer {
            std::span<std::byte> workspace, cudaStream_t stream) const
   {
     constexpr char const* where = "gpu::kmeans_trainer.train";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     namespace kern = pqkv::detail::kmeans_gpu;
     namespace ng = pqkv::detail::nearest_gpu;
     // ---- validation: everything before any launch ----
@@ -435,6 +442,7 @@ class kmeans_trainer {
   kmeans_limits limits_;
   assign_tuning tuning_;
   bool tc_ = false;
+  int device_ = 0;       ///< current at construction: kernel limits and occupancy are its own
   int sms_ = 132;
   index_t slots_ = 132;  ///< resident assign blocks on the device
   std::size_t workspace_bytes_ = 0;

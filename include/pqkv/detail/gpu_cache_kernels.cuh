@@ -141,7 +141,8 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 
 /// Selects the `want` smallest candidates of [0, n) in (key, index) order and
 /// calls emit(rank, index) for each (rank 0 is the smallest; one call per
-/// rank, from any thread); returns r = min(want, candidates). sel_key /
+/// rank, from any thread); returns r = min(want, candidates). keys[i] (shared
+/// or global memory) is i's key, ~0 when i is no candidate. sel_key /
 /// sel_idx: global scratch of 2 n entries, used only when more than a tile is
 /// selected.
 ///
@@ -153,25 +154,27 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// order: up to rank_sort_max pairs rank each against the others, up to a
 /// tile a stable block radix sort over the bits that still differ, beyond a
 /// tile an LSD radix sort in global scratch, 4 bits a pass.
-template <class KeyAt, class Cand, class Emit>
-__device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigned long long* sel_key,
+template <class Emit>
+__device__ int select_smallest(int n, int want, unsigned long long const* keys, unsigned long long* sel_key,
                                std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
 {
-  key_range local{0, ~0ull, 0};
-  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
-    if (!cand(i)) { continue; }
-    unsigned long long const k = key_at(i);
-    ++local.count;
-    local.lo = k < local.lo ? k : local.lo;
-    local.hi = k > local.hi ? k : local.hi;
-  }
+  // keys[i] == no_key: i is no candidate. The loops below load a key and
+  // select on it without branching around the load.
+  constexpr unsigned long long no_key = ~0ull;
   for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
+  key_range local{0, no_key, 0};
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+    unsigned long long const k = keys[i];
+    bool const c = k != no_key;
+    local.count += c ? 1 : 0;
+    local.lo = c && k < local.lo ? k : local.lo;
+    local.hi = c && k > local.hi ? k : local.hi;
+  }
   key_range const all = block_reduce_range(sh.temp.range).Reduce(local, merge_key_range{});
   if (threadIdx.x == 0) {
     sh.total = all.count;
     sh.lo = all.lo;
     sh.hi = all.hi;
-    sh.done = 0;
   }
   __syncthreads();
   int const total = sh.total;
@@ -195,13 +198,12 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
     for (bool first = true;; first = false) {
       if (!first) {
         // The in-play keys' min and max: warp shuffles, then one word per warp.
-        unsigned long long mn = ~0ull, mx = 0;
+        unsigned long long mn = no_key, mx = 0;
         for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
-          if (!cand(i)) { continue; }
-          unsigned long long const k = key_at(i);
-          if (k < plo || k > phi) { continue; }
-          mn = k < mn ? k : mn;
-          mx = k > mx ? k : mx;
+          unsigned long long const k = keys[i];
+          bool const in_play = k != no_key && k >= plo && k <= phi;
+          mn = in_play && k < mn ? k : mn;
+          mx = in_play && k > mx ? k : mx;
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -239,12 +241,8 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
       unsigned int* hist = sh.hist;
       for (int i0 = static_cast<int>(threadIdx.x - lane); i0 < n; i0 += block_threads) {
         int const i = i0 + static_cast<int>(lane);
-        unsigned long long k = 0;
-        bool in_play = false;
-        if (i < n && cand(i)) {
-          k = key_at(i);
-          in_play = k >= plo && k <= phi;
-        }
+        unsigned long long const k = i < n ? keys[i] : no_key;
+        bool const in_play = k != no_key && k >= plo && k <= phi;
         unsigned int const active = __ballot_sync(0xFFFFFFFFu, in_play);
         if (active == 0) { continue; }
         auto const digit = static_cast<unsigned int>(k >> shift) & 0xFFu;
@@ -330,8 +328,8 @@ __device__ int select_smallest(int n, int want, KeyAt key_at, Cand cand, unsigne
 #pragma unroll
       for (int u = 0; u < per_lane; ++u) {
         int const i = base + warp * warp_span + u * 32 + static_cast<int>(lane);
-        bool const c = i < n && cand(i);
-        key[u] = c ? key_at(i) : 0;
+        key[u] = i < n ? keys[i] : no_key;
+        bool const c = key[u] != no_key;
         below[u] = __ballot_sync(0xFFFFFFFFu, c && key[u] < threshold);
         equal[u] = __ballot_sync(0xFFFFFFFFu, c && key[u] == threshold);
         warp_below += __popc(below[u]);
@@ -799,9 +797,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         }
         __syncthreads();
       }
-      inserted += select_smallest(
-        a.managed, misses - to_free, [&](int sl) { return evict_key[sl]; },
-        [&](int sl) { return evict_key[sl] != ~0ull; }, sk, si, to_victim, sh);
+      inserted += select_smallest(a.managed, misses - to_free, evict_key, sk, si, to_victim, sh);
     }
   } else {
     __syncthreads();
@@ -987,7 +983,7 @@ struct block_args {
   std::int32_t const* offloaded;  // [seqs] positions in the store (device)
   std::int32_t* rows;           // [seqs, kv_heads, k] out, or null
   std::int32_t* distinct;       // [seqs, kv_heads * k] scratch: this step's blocks
-  unsigned long long* sel_key;  // [seqs, 2 * kv_heads * k] scratch
+  unsigned long long* sel_key;  // [seqs, 3 * kv_heads * k] scratch: the ranked keys, then the select's
   std::int32_t* sel_idx;        // [seqs, 2 * kv_heads * k] scratch
   std::int32_t* ranked;         // [seqs, per_step] scratch: kept blocks, busiest first
   std::int32_t* promoted;       // [seqs, per_step] out
@@ -1056,14 +1052,15 @@ __global__ void __launch_bounds__(block_threads) block_lfu_step_kernel(block_arg
 
   // 3. The busiest blocks: count descending, then block ascending (unique keys).
   std::int32_t* ranked = a.ranked + ps;
-  int const kept = select_smallest(
-    nd, a.per_step,
-    [&](int i) {
-      std::int32_t const b = distinct[i];
-      return (static_cast<unsigned long long>(~count[b]) << 32) | static_cast<std::uint32_t>(b);
-    },
-    [&](int) { return true; }, a.sel_key + 2 * seq * entries, a.sel_idx + 2 * seq * entries,
-    [&](int rank, int i) { ranked[rank] = i; }, sh);
+  //    Keys (~count, block) are unique and never the select's no-candidate sentinel.
+  unsigned long long* block_keys = a.sel_key + 3 * seq * entries;
+  for (int i = static_cast<int>(threadIdx.x); i < nd; i += block_threads) {
+    std::int32_t const b = distinct[i];
+    block_keys[i] = (static_cast<unsigned long long>(~count[b]) << 32) | static_cast<std::uint32_t>(b);
+  }
+  __syncthreads();
+  int const kept = select_smallest(nd, a.per_step, block_keys, block_keys + entries,
+                                   a.sel_idx + 2 * seq * entries, [&](int rank, int i) { ranked[rank] = i; }, sh);
   for (int i = static_cast<int>(threadIdx.x); i < kept; i += block_threads) { ranked[i] = distinct[ranked[i]]; }
   __syncthreads();
   for (int i = static_cast<int>(threadIdx.x); i < nd; i += block_threads) { count[distinct[i]] = 0; }

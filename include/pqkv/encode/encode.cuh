@@ -79,7 +79,8 @@ struct assign_tuning {
 }
 
 /// GPU PQ encoder for one `pq_config`; models `pqkv::Encoder` with
-/// `(cudaStream_t)` and with `(std::span<std::byte>, cudaStream_t)`.
+/// `(cudaStream_t)` and with `(std::span<std::byte>, cudaStream_t)`. Lives on
+/// the device current at construction; calls from another device throw.
 class pq_encoder {
  public:
   /// Validates `config` (and that dsub is one the kernels are built for) and
@@ -97,10 +98,10 @@ class pq_encoder {
     }
     namespace kern = pqkv::detail::nearest_gpu;
     int const dsub = static_cast<int>(config_.dsub()), ksub = static_cast<int>(config_.ksub());
-    int device = 0, sms = 0, optin = 0;
-    PQKV_CUDA_TRY(cudaGetDevice(&device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    int sms = 0, optin = 0;
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
     PQKV_EXPECTS(kern::encode_smem_bytes(dsub, ksub) <= static_cast<std::size_t>(optin), where, "dsub=", dsub,
                  ", ksub=", ksub, " need ", kern::encode_smem_bytes(dsub, ksub),
                  " bytes of shared memory; the device allows ", optin);
@@ -129,6 +130,8 @@ class pq_encoder {
 
   [[nodiscard]] pq_config const& config() const noexcept { return config_; }
   [[nodiscard]] assign_tuning const& tuning() const noexcept { return tuning_; }
+  /// The device the encoder was built on (calls must run there).
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// Whether a call of `tokens` rows per head takes the tensor-core path.
   [[nodiscard]] bool uses_tensor_cores(index_t tokens) const noexcept
   {
@@ -207,6 +210,7 @@ class pq_encoder {
            index_t position, index_t const* position_dev, cudaStream_t stream, char const* where) const
   {
     namespace kern = pqkv::detail::nearest_gpu;
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     index_t const heads = keys.extent(0), tokens = keys.extent(1), m = config_.m;
     PQKV_EXPECTS(keys.extent(2) == config_.dim, where, "keys.extent(2)=", keys.extent(2), ", config.dim=",
                  config_.dim);
@@ -277,6 +281,7 @@ class pq_encoder {
   pq_config config_;
   assign_tuning tuning_;
   bool tc_ = false;
+  int device_ = 0;       ///< current at construction: kernel limits and occupancy are its own
   int sms_ = 132;
   index_t slots_ = 132;  ///< resident encode blocks on the device
 };

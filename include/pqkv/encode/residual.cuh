@@ -67,14 +67,6 @@ inline void expect_aligned(void const* p, std::size_t bytes, char const* where, 
                "-byte aligned");
 }
 
-/// Throws unless the current device is `device` (where the object was built).
-inline void expect_device(int device, char const* where)
-{
-  int current = 0;
-  PQKV_CUDA_TRY(cudaGetDevice(&current));
-  PQKV_EXPECTS(current == device, where, "called on device ", current, "; the object was built on device ", device);
-}
-
 }  // namespace pqkv::detail::rq_gpu
 
 namespace pqkv::gpu {
@@ -251,7 +243,7 @@ class rq_encoder {
     PQKV_EXPECTS(codes.extent(2) == config_.codes_per_row(), where, "codes.extent(2)=", codes.extent(2),
                  ", config.splits * config.stages=", config_.codes_per_row());
     check_rq_centroids(centroids, config_, heads, where, false);  // device memory: finiteness is not checked
-    kern::expect_device(device_, where);
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     if (heads == 0 || tokens == 0) { return; }
     PQKV_EXPECTS(keys.data_handle() != nullptr, where, "keys.data_handle() is null");
     PQKV_EXPECTS(codes.data_handle() != nullptr, where, "codes.data_handle() is null");

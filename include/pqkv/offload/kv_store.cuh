@@ -33,8 +33,13 @@
 /// Errors: an append past `capacity`, a wrong view shape or dtype size, a null
 /// pointer or a layer / sequence out of range throws `pqkv::error` before any
 /// copy is enqueued.
+///
+/// Devices: the pages are portable, but the committed counts and the events
+/// belong to the device current at construction (`device()`); appends,
+/// truncates, resets and `ref()` / `committed()` from another device throw.
 
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
@@ -90,7 +95,8 @@ enum class numa_policy : bool {
 };
 
 /// Device-side handle of a store: mapped addresses and the committed counts.
-/// Trivially copyable; valid while the store lives.
+/// Trivially copyable; valid while the store lives, and on the store's
+/// device only (the committed counts are that device's memory).
 template <class T>
 struct kv_store_ref {
   T const* keys = nullptr;               // mapped [layers, sequences, kv_heads, capacity, head_dim]
@@ -199,7 +205,8 @@ class pinned_pages {
 namespace pqkv::gpu {
 
 /// Pinned host store of K and V for every layer (see the file comment).
-/// Not copyable; movable. Its host methods are not thread-safe.
+/// Not copyable; movable. Its host methods are not thread-safe. Lives on the
+/// device current at construction; calls from another device throw.
 template <class T>
 class kv_store {
  public:
@@ -208,6 +215,7 @@ class kv_store {
   explicit kv_store(kv_store_shape const& shape, numa_policy numa = numa_policy::automatic) : shape_{shape}
   {
     shape_.validate("kv_store");
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
     auto const bytes = static_cast<std::size_t>(shape_.elements()) * sizeof(T);
     keys_ = pqkv::detail::pinned_pages(bytes, numa);
     values_ = pqkv::detail::pinned_pages(bytes, numa);
@@ -222,7 +230,7 @@ class kv_store {
     for (auto& e : events_) { PQKV_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
   }
   kv_store(kv_store&& o) noexcept
-    : shape_{o.shape_}, keys_{std::move(o.keys_)}, values_{std::move(o.values_)},
+    : shape_{o.shape_}, device_{o.device_}, keys_{std::move(o.keys_)}, values_{std::move(o.values_)},
       dev_keys_{std::exchange(o.dev_keys_, nullptr)}, dev_values_{std::exchange(o.dev_values_, nullptr)},
       committed_{std::exchange(o.committed_, nullptr)}, sizes_{std::move(o.sizes_)}, events_{o.events_},
       next_event_{o.next_event_}, last_event_{std::exchange(o.last_event_, nullptr)}
@@ -243,6 +251,8 @@ class kv_store {
   }
 
   [[nodiscard]] kv_store_shape const& shape() const noexcept { return shape_; }
+  /// The device the store was built on: its committed counts and events live there.
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// Bytes of one row (head_dim elements).
   [[nodiscard]] std::size_t row_bytes() const noexcept { return static_cast<std::size_t>(shape_.head_dim) * sizeof(T); }
   /// NUMA node the pages are bound to, -1 when not bound.
@@ -250,10 +260,20 @@ class kv_store {
   /// Host addresses of K and V, [layers, sequences, kv_heads, capacity, head_dim].
   [[nodiscard]] T* host_keys() const noexcept { return reinterpret_cast<T*>(keys_.data()); }
   [[nodiscard]] T* host_values() const noexcept { return reinterpret_cast<T*>(values_.data()); }
-  /// Device-side handle (mapped addresses, committed counts).
-  [[nodiscard]] kv_store_ref<T> ref() const noexcept { return {dev_keys_, dev_values_, committed_, shape_}; }
-  /// Device array [layers, sequences] of committed row counts.
-  [[nodiscard]] std::int32_t const* committed() const noexcept { return committed_; }
+  /// Device-side handle (mapped addresses, committed counts), valid on
+  /// `device()` only; throws when called from another device.
+  [[nodiscard]] kv_store_ref<T> ref() const
+  {
+    pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.ref");
+    return {dev_keys_, dev_values_, committed_, shape_};
+  }
+  /// Device array [layers, sequences] of committed row counts, memory of
+  /// `device()`; throws when called from another device.
+  [[nodiscard]] std::int32_t const* committed() const
+  {
+    pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.committed");
+    return committed_;
+  }
   /// Rows enqueued for (layer, seq), committed or not.
   [[nodiscard]] index_t size(index_t layer, index_t seq = 0) const
   {
@@ -270,6 +290,7 @@ class kv_store {
   cudaEvent_t append(index_t layer, index_t seq, kv_view<T const> keys, kv_view<T const> values, cudaStream_t stream)
   {
     constexpr char const* where = "kv_store.append";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
     check_rows(keys, "keys", where);
     check_rows(values, "values", where);
@@ -294,6 +315,7 @@ class kv_store {
   cudaEvent_t truncate(index_t layer, index_t seq, index_t tokens, cudaStream_t stream)
   {
     constexpr char const* where = "kv_store.truncate";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
     auto const at = static_cast<std::size_t>(layer * shape_.sequences + seq);
     PQKV_EXPECTS(tokens >= 0 && tokens <= sizes_[at], where, "tokens=", tokens, " is outside [0, size=", sizes_[at],
@@ -306,6 +328,7 @@ class kv_store {
   /// Empties every (layer, sequence) on `stream`.
   cudaEvent_t reset(cudaStream_t stream)
   {
+    pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.reset");
     std::fill(sizes_.begin(), sizes_.end(), index_t{0});
     PQKV_CUDA_TRY(cudaMemsetAsync(committed_, 0, sizes_.size() * sizeof(std::int32_t), stream));
     return record(stream);
@@ -376,6 +399,7 @@ class kv_store {
   }
 
   kv_store_shape shape_;
+  int device_ = 0;                      // current at construction: owns committed_ and the events
   pqkv::detail::pinned_pages keys_, values_;
   T* dev_keys_ = nullptr;
   T* dev_values_ = nullptr;

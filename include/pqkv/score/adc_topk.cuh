@@ -48,6 +48,7 @@
 /// not the reference's scores).
 
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
 #include <pqkv/detail/adc_topk_kernels.cuh>
@@ -112,6 +113,8 @@ struct adc_limits {
 /// of sequences (the file's contract). Built once per shape; each call is one
 /// decode step, stream-ordered and graph-capturable. Calls are const; the
 /// object may be shared by threads that give each call its own workspace.
+/// Lives on the device current at construction; calls from another device
+/// throw.
 template <GqaAggregation Aggregation = gqa::softmax_sum>
 class adc_topk {
  public:
@@ -134,10 +137,10 @@ class adc_topk {
                  limits_.max_batch * shape_.kv_heads, " exceeds 65535 rows");
     scale_ = params_.resolved_scale(shape_.dim);
 
-    int device = 0, smem_optin = 0;
-    PQKV_CUDA_TRY(cudaGetDevice(&device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
-    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    int smem_optin = 0;
+    PQKV_CUDA_TRY(cudaGetDevice(&device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
+    PQKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
     // The score kernel holds one row's LUT in shared memory.
     std::size_t const lut_bytes = static_cast<std::size_t>(shape_.m) * shape_.ksub() * shape_.group() * sizeof(float);
     PQKV_EXPECTS(lut_bytes + 1024 <= static_cast<std::size_t>(smem_optin), where, "the group's LUT (m=", shape_.m,
@@ -170,6 +173,8 @@ class adc_topk {
   [[nodiscard]] adc_limits const& limits() const noexcept { return limits_; }
   /// The logit scale in use (params.scale, or 1/sqrt(dim) when that is 0).
   [[nodiscard]] float scale() const noexcept { return scale_; }
+  /// The device the selector was built on (calls must run there).
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// Bytes of scratch a call needs (16-byte aligned start).
   [[nodiscard]] std::size_t workspace_bytes() const noexcept { return layout_.total; }
   /// Candidate tokens one block of the score kernel takes (the split of each row).
@@ -341,6 +346,7 @@ class adc_topk {
             view<float, 3> scores, std::span<std::byte> workspace, cudaStream_t stream) const
   {
     constexpr char const* where = "gpu::adc_topk";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     namespace kern = pqkv::detail::adc_gpu;
     index_t const batch = queries.extent(0);
     PQKV_EXPECTS(batch <= limits_.max_batch, where, "queries.extent(0)=", batch, " exceeds limits.max_batch=",
@@ -454,6 +460,7 @@ class adc_topk {
   adc_limits limits_;
   Aggregation agg_;
   float scale_ = 1.f;
+  int device_ = 0;  // current at construction: kernel limits, SMs and cluster occupancy are its own
   int sms_ = 132;
   int active_clusters_[17] = {};  ///< [c]: clusters of c blocks that run at once
   index_t max_store_tokens_ = 0;

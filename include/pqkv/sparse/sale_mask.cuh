@@ -37,6 +37,7 @@
 /// A workspace must not be shared by calls that may run concurrently.
 
 #include <pqkv/core/cuda_try.hpp>
+#include <pqkv/core/device_check.cuh>
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
@@ -158,6 +159,8 @@ class sale_mask {
   [[nodiscard]] quant_config const& quantization() const noexcept { return qcfg_; }
   /// The logit scale in use (config().scale, or 1/sqrt(dim) when that is 0).
   [[nodiscard]] float scale() const noexcept { return scale_; }
+  /// The device the mask producer was built on (calls must run there).
+  [[nodiscard]] int device() const noexcept { return device_; }
   /// The bit mask's extents (batch, heads, q_blocks, k_blocks, words from
   /// dims.max_len), as `make_mask_shape` gives for a batch whose longest
   /// sequence is max_len.
@@ -225,10 +228,7 @@ class sale_mask {
                  workspace.size(), " is smaller than workspace_bytes=", layout_.total);
     PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data()) % 16 == 0, where,
                  "workspace is not 16-byte aligned");
-    int device = 0;
-    PQKV_CUDA_TRY(cudaGetDevice(&device));
-    PQKV_EXPECTS(device == device_, where, "current device ", device, " differs from the device ", device_,
-                 " this sale_mask was built on");
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
     if (bitmask_size(shape_) == 0) { return; }
     if constexpr (std::is_same_v<Qe, T> && std::is_same_v<Ke, T>) {
       run(q, k, cu_seqlens, tau, bitmask, density, workspace, stream);

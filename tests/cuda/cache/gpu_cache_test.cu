@@ -389,6 +389,35 @@ TEST_CASE("gpu::slot_table: host misuse throws before any launch")
   CHECK_THROWS_AS(t.access(0, keys, std::span<std::int32_t const>(k.data(), 2), slots, nullptr), pqkv::error);
 }
 
+TEST_CASE("gpu::slot_table, gpu::block_lfu_cache: record their device and throw when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::slot_table<> table{{.layers = 1, .batch = 1, .kv_heads = 2, .capacity = 8, .key_bound = 10, .max_keys = 4}};
+  pqkv::gpu::block_lfu_cache cache{
+    {.capacity_blocks = 4, .block_tokens = 8, .blocks_per_step = 4, .max_tokens = 64}, 1, 1, 2, 4};
+  CHECK(table.device() == device);
+  CHECK(cache.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  {
+    pqkv::test::device_scope on_other{other};
+    pqkv::device_buffer<std::int32_t> k(8), s(8);  // on the other device: only the table's device is checked
+    auto keys = pqkv::make_view(static_cast<std::int32_t const*>(k.data()), 1, 2, 4);
+    CHECK_THROWS_WITH_AS(table.access(0, keys, {}, pqkv::make_view(s.data(), 1, 2, 4), nullptr),
+                         doctest::Contains("the object was built on device"), pqkv::error);
+    CHECK_THROWS_WITH_AS(table.reset(nullptr), doctest::Contains("the object was built on device"), pqkv::error);
+    CHECK_THROWS_WITH_AS(cache.reset(nullptr), doctest::Contains("the object was built on device"), pqkv::error);
+  }
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
+
 namespace {
 
 void compare_block_lfu(pqkv::cpu::block_lfu_config cfg, int k, int steps, std::uint64_t seed, bool partial_offload)

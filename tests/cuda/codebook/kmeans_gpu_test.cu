@@ -464,6 +464,37 @@ TEST_CASE("gpu kmeans: bad inputs throw before any launch")
   CHECK(download(dc, nc) == poison);  // nothing ran
 }
 
+TEST_CASE("gpu kmeans: the trainer records its device and throws when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 64, dim = 32;
+  auto const cfg = small_config(dim, 4, 4, 3, pqkv::init_method::random_sample);
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::kmeans_trainer const tr{cfg, {.max_heads = heads, .max_tokens = tokens}};
+  CHECK(tr.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  auto dk = upload(make_keys(heads, tokens, dim, 61));
+  pqkv::device_buffer<float> dc(static_cast<std::size_t>(heads * cfg.m * cfg.ksub() * cfg.dsub()));
+  pqkv::device_buffer<std::byte> ws(tr.workspace_bytes());
+  auto const kv = pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens, dim);
+  auto const cv = pqkv::make_view(dc.data(), heads, cfg.m, cfg.ksub(), cfg.dsub());
+  {
+    pqkv::test::device_scope on_other{other};
+    CHECK_THROWS_WITH_AS(tr.train(kv, cv, ws.span(), nullptr), doctest::Contains("the object was built on device"),
+                         pqkv::error);
+    CHECK_THROWS_WITH_AS((void)tr.report(ws.span(), nullptr), doctest::Contains("the object was built on device"),
+                         pqkv::error);
+  }
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
+
 TEST_CASE("gpu kmeans: k-means++ init draws the CPU's centroids bit for bit")
 {
   PQKV_REQUIRE_GPU();

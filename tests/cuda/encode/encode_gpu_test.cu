@@ -410,6 +410,38 @@ TEST_CASE("gpu encoder: tensor-core append equals a full encode")
   }
 }
 
+TEST_CASE("gpu encoder: records its device and throws when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  index_t const heads = 2, tokens = 8, dim = 64, m = 4;
+  auto const cfg = config_of(dim, m, 4);
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::pq_encoder const enc{cfg};
+  CHECK(enc.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  auto dk = upload(make_values(static_cast<std::size_t>(heads * tokens * dim), 8));
+  auto dc = upload(make_values(static_cast<std::size_t>(heads * m * cfg.ksub() * cfg.dsub()), 9));
+  pqkv::device_buffer<std::uint8_t> codes(static_cast<std::size_t>(heads * tokens * m));
+  auto const kv = pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens, dim);
+  auto const cv = pqkv::make_view(static_cast<float const*>(dc.data()), heads, m, cfg.ksub(), cfg.dsub());
+  auto const out = pqkv::make_view(codes.data(), heads, tokens, m);
+  {
+    pqkv::test::device_scope on_other{other};
+    CHECK_THROWS_WITH_AS(enc.encode(kv, cv, out, nullptr), doctest::Contains("the object was built on device"),
+                         pqkv::error);
+    CHECK_THROWS_WITH_AS(enc.append(kv, cv, out, index_t{0}, nullptr),
+                         doctest::Contains("the object was built on device"), pqkv::error);
+  }
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
+
 TEST_CASE("gpu encoder: bad inputs throw before any launch")
 {
   PQKV_REQUIRE_GPU();

@@ -437,6 +437,37 @@ TEST_CASE("kv_store: capacity overflow, bad shapes and layers throw before any c
   PQKV_CUDA_TRY(cudaStreamDestroy(stream));
 }
 
+TEST_CASE("kv_store: records its device and throws when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  using T = __half;
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::kv_store<T> store{{.layers = 1, .sequences = 1, .kv_heads = 2, .capacity = 8, .head_dim = 16}};
+  CHECK(store.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  pqkv::device_buffer<T> src(static_cast<std::size_t>(2 * 1 * 16));
+  PQKV_CUDA_TRY(cudaMemset(src.data(), 0, src.size_bytes()));
+  auto row = pqkv::make_strided_view<T const, 3>(src.data(), {2, 1, 16}, {16, 16, 1});
+  {
+    pqkv::test::device_scope on_other{other};
+    constexpr char const* built = "the object was built on device";
+    CHECK_THROWS_WITH_AS(store.append(0, 0, row, row, nullptr), doctest::Contains(built), pqkv::error);
+    CHECK_THROWS_WITH_AS(store.truncate(0, 0, 0, nullptr), doctest::Contains(built), pqkv::error);
+    CHECK_THROWS_WITH_AS(store.reset(nullptr), doctest::Contains(built), pqkv::error);
+    CHECK_THROWS_WITH_AS((void)store.ref(), doctest::Contains(built), pqkv::error);
+    CHECK_THROWS_WITH_AS((void)store.committed(), doctest::Contains(built), pqkv::error);
+  }
+  CHECK(store.size(0, 0) == 0);  // nothing was enqueued
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
+
 TEST_CASE("copy_engine_gather: the same rows as the zero-copy gather")
 {
   PQKV_REQUIRE_GPU();

@@ -799,6 +799,37 @@ TEST_CASE("gpu adc_topk: bad paged codes or scores throw before any launch")
   CHECK(std::all_of(after.valid.begin(), after.valid.end(), [&](std::int32_t v) { return v == poison; }));
 }
 
+TEST_CASE("gpu adc_topk: records its device and throws when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(8, 2, 64, 8, 8);
+  pqkv::selection_params const params{.k = 16};
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::adc_topk<pqkv::gqa::sum> const op{shape, params, {.max_batch = 2, .max_tokens = 256}};
+  CHECK(op.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  auto const d = make_case(shape, params, {200, 100}, 256, 16, 91);
+  device_case dc(d, op.workspace_bytes());
+  auto const q = pqkv::make_view(static_cast<float const*>(dc.q.data()), 2, 8, 64);
+  auto const codes = pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), 2, 2, 256, 8);
+  auto const cents = pqkv::make_view(static_cast<float const*>(dc.centroids.data()), 2, 8, 256, 8);
+  std::span<std::int32_t const> const lens(dc.lens.data(), 2);
+  {
+    pqkv::test::device_scope on_other{other};
+    CHECK_THROWS_WITH_AS(op(q, codes, cents, lens, pqkv::make_view(dc.out.data(), 2, 2, 16),
+                            pqkv::make_view(dc.valid.data(), 2, 2), dc.workspace.span(), nullptr),
+                         doctest::Contains("the object was built on device"), pqkv::error);
+  }
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
+
 TEST_CASE("gpu adc_topk: a graph with paged codes replays while a sequence grows across page boundaries")
 {
   PQKV_REQUIRE_GPU();

@@ -566,3 +566,34 @@ TEST_CASE("gpu::sale_mask: bad inputs throw before any launch")
                                            pqkv::make_view(ix.data(), 1, 8, 1, 1), nullptr);
         }).find("consumer block_q=96") != std::string::npos);
 }
+
+TEST_CASE("gpu::sale_mask: records its device and throws when called from another")
+{
+  PQKV_REQUIRE_GPU();
+  pqkv::gpu::sale_dims const dims{1, 256, 8, 2, 64, 256};
+  int device = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  pqkv::gpu::sale_mask<float> const op{dims, pqkv::sparse_config{}};
+  CHECK(op.device() == device);
+  int const other = pqkv::test::other_device();
+  if (other < 0) {
+    MESSAGE("cross-device part skipped: it needs 2 GPUs");
+    return;
+  }
+  auto const m = op.shape();
+  pqkv::device_buffer<float> dq(8 * 256 * 64), dk(2 * 256 * 64), dtau(8);
+  auto const dcu = upload(std::vector<std::int32_t>{0, 256});
+  pqkv::device_buffer<std::uint32_t> bits(static_cast<std::size_t>(pqkv::bitmask_size(m)));
+  pqkv::device_buffer<std::byte> ws(op.workspace_bytes());
+  {
+    pqkv::test::device_scope on_other{other};
+    CHECK_THROWS_WITH_AS(op(device_kv(dq, 8, 256, 64), device_kv(dk, 2, 256, 64),
+                            std::span<std::int32_t const>{dcu.data(), 2}, std::span<float const>{dtau.data(), 8},
+                            pqkv::make_view(bits.data(), m.batch, m.q_heads, m.q_blocks, m.words), {},
+                            std::span<std::byte>{ws.data(), ws.size()}, nullptr),
+                         doctest::Contains("the object was built on device"), pqkv::error);
+  }
+  int now = -1;
+  PQKV_CUDA_TRY(cudaGetDevice(&now));
+  CHECK(now == device);
+}
