@@ -214,4 +214,80 @@ inline void launch_set_committed(std::int32_t* committed, std::int32_t value, cu
   PQKV_CUDA_CHECK_LAST();
 }
 
+/// Rows [kv_heads, tokens, row_bytes] of K and V (device memory, head stride
+/// and row stride in bytes) into the mapped store at the committed count of
+/// one (layer, sequence), read on the device. One block copies one row with
+/// the widest stores (16, 4 or 1 bytes) that row, strides and addresses allow. A call that
+/// would pass `capacity` writes nothing and raises `*overflow`.
+struct append_args {
+  std::byte const* k_src;
+  std::byte const* v_src;
+  std::int64_t src_head_stride;  // bytes
+  std::int64_t src_row_stride;   // bytes
+  std::byte* k_dst;              // mapped store: this (layer, sequence)'s [kv_heads, capacity, row_bytes]
+  std::byte* v_dst;
+  std::int64_t capacity;
+  std::int64_t row_bytes;
+  std::int32_t const* committed;  // this (layer, sequence)'s count
+  std::int32_t* overflow;
+  int kv_heads;
+  int tokens;
+};
+
+template <class Word>
+__device__ __forceinline__ void copy_row(std::byte* dst, std::byte const* src, std::int64_t bytes)
+{
+  auto* d = reinterpret_cast<Word*>(dst);
+  auto const* s = reinterpret_cast<Word const*>(src);
+  for (std::int64_t i = threadIdx.x; i < bytes / static_cast<std::int64_t>(sizeof(Word)); i += blockDim.x) { d[i] = s[i]; }
+}
+
+template <int Unused = 0>
+__global__ void append_rows_kernel(append_args a)
+{
+  std::int64_t const pos = *reinterpret_cast<std::int32_t const volatile*>(a.committed);
+  if (pos + a.tokens > a.capacity) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) { atomicAdd(a.overflow, 1); }
+    return;
+  }
+  int const head = static_cast<int>(blockIdx.x) / a.tokens;
+  int const t = static_cast<int>(blockIdx.x) % a.tokens;
+  std::int64_t const src = head * a.src_head_stride + t * a.src_row_stride;
+  std::int64_t const dst = (head * a.capacity + pos + t) * a.row_bytes;
+  // The widest word that every address and stride is a multiple of.
+  auto const align = static_cast<std::uint64_t>(a.row_bytes | a.src_head_stride | a.src_row_stride) |
+                     reinterpret_cast<std::uintptr_t>(a.k_src) | reinterpret_cast<std::uintptr_t>(a.v_src) |
+                     reinterpret_cast<std::uintptr_t>(a.k_dst) | reinterpret_cast<std::uintptr_t>(a.v_dst);
+  if (align % 16 == 0) {
+    copy_row<uint4>(a.k_dst + dst, a.k_src + src, a.row_bytes);
+    copy_row<uint4>(a.v_dst + dst, a.v_src + src, a.row_bytes);
+  } else if (align % 4 == 0) {
+    copy_row<std::uint32_t>(a.k_dst + dst, a.k_src + src, a.row_bytes);
+    copy_row<std::uint32_t>(a.v_dst + dst, a.v_src + src, a.row_bytes);
+  } else {
+    copy_row<unsigned char>(a.k_dst + dst, a.k_src + src, a.row_bytes);
+    copy_row<unsigned char>(a.v_dst + dst, a.v_src + src, a.row_bytes);
+  }
+}
+
+/// After append_rows_kernel on the same stream: raises the count unless that
+/// call overflowed (the same test on the same count).
+template <int Unused = 0>
+__global__ void advance_committed_kernel(std::int32_t* committed, std::int64_t capacity, int tokens)
+{
+  std::int32_t const pos = *reinterpret_cast<std::int32_t volatile*>(committed);
+  if (pos + static_cast<std::int64_t>(tokens) > capacity) { return; }
+  __threadfence_system();
+  *reinterpret_cast<std::int32_t volatile*>(committed) = pos + tokens;
+  __threadfence_system();
+}
+
+inline void launch_append_at_committed(append_args const& a, std::int32_t* committed, cudaStream_t stream)
+{
+  append_rows_kernel<><<<a.kv_heads * a.tokens, 128, 0, stream>>>(a);
+  PQKV_CUDA_CHECK_LAST();
+  advance_committed_kernel<><<<1, 1, 0, stream>>>(committed, a.capacity, a.tokens);
+  PQKV_CUDA_CHECK_LAST();
+}
+
 }  // namespace pqkv::detail::gather_gpu

@@ -30,6 +30,15 @@
 /// not. Rows are append-only until `truncate` or `reset`, which lower the
 /// committed count (stream-ordered) before later appends rewrite the rows.
 ///
+/// Graph-capturable appends. `append_at_committed` reads the position on the
+/// device (the committed count when the call runs), copies the rows from
+/// device memory into the mapped pages with a kernel and raises the count, so
+/// a captured decode step appends at the new end on every replay. A call that
+/// would pass `capacity` writes nothing and raises the device counter
+/// `overflows()`. The host does not see these rows: a (layer, seq) appended
+/// this way refuses the host-positioned `append` and `size` until `truncate`
+/// or `reset` (read `committed()` instead).
+///
 /// Errors: an append past `capacity`, a wrong view shape or dtype size, a null
 /// pointer or a layer / sequence out of range throws `pqkv::error` before any
 /// copy is enqueued.
@@ -224,15 +233,19 @@ class kv_store {
     auto const counts = static_cast<std::size_t>(shape_.layers * shape_.sequences);
     PQKV_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&committed_), counts * sizeof(std::int32_t)));
     PQKV_CUDA_TRY(cudaMemset(committed_, 0, counts * sizeof(std::int32_t)));
+    PQKV_CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(&overflows_), sizeof(std::int32_t)));
+    PQKV_CUDA_TRY(cudaMemset(overflows_, 0, sizeof(std::int32_t)));
     // The memset runs on the legacy stream; appends may come on non-blocking streams.
     PQKV_CUDA_TRY(cudaDeviceSynchronize());
     sizes_.assign(counts, 0);
+    device_side_.assign(counts, 0);
     for (auto& e : events_) { PQKV_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
   }
   kv_store(kv_store&& o) noexcept
     : shape_{o.shape_}, device_{o.device_}, keys_{std::move(o.keys_)}, values_{std::move(o.values_)},
       dev_keys_{std::exchange(o.dev_keys_, nullptr)}, dev_values_{std::exchange(o.dev_values_, nullptr)},
-      committed_{std::exchange(o.committed_, nullptr)}, sizes_{std::move(o.sizes_)}, events_{o.events_},
+      committed_{std::exchange(o.committed_, nullptr)}, overflows_{std::exchange(o.overflows_, nullptr)},
+      sizes_{std::move(o.sizes_)}, device_side_{std::move(o.device_side_)}, events_{o.events_},
       next_event_{o.next_event_}, last_event_{std::exchange(o.last_event_, nullptr)}
   {
     o.events_.fill(nullptr);
@@ -248,6 +261,7 @@ class kv_store {
       if (e != nullptr) { cudaEventDestroy(e); }
     }
     if (committed_ != nullptr) { cudaFree(committed_); }
+    if (overflows_ != nullptr) { cudaFree(overflows_); }
   }
 
   [[nodiscard]] kv_store_shape const& shape() const noexcept { return shape_; }
@@ -274,10 +288,19 @@ class kv_store {
     pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.committed");
     return committed_;
   }
-  /// Rows enqueued for (layer, seq), committed or not.
+  /// Device counter of `append_at_committed` calls that would have passed
+  /// `capacity` (they wrote nothing); zeroed by `reset`.
+  [[nodiscard]] std::int32_t const* overflows() const
+  {
+    pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.overflows");
+    return overflows_;
+  }
+  /// Rows enqueued for (layer, seq), committed or not; throws for a
+  /// (layer, seq) appended on the device (see the file comment).
   [[nodiscard]] index_t size(index_t layer, index_t seq = 0) const
   {
     check_slot(layer, seq, "kv_store.size");
+    check_host_side(layer, seq, "kv_store.size");
     return sizes_[static_cast<std::size_t>(layer * shape_.sequences + seq)];
   }
   /// The event recorded by the latest append, truncate or reset (null before any).
@@ -292,6 +315,7 @@ class kv_store {
     constexpr char const* where = "kv_store.append";
     pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
+    check_host_side(layer, seq, where);
     check_rows(keys, "keys", where);
     check_rows(values, "values", where);
     PQKV_EXPECTS(keys.extent(1) == values.extent(1), where, "keys.extent(1)=", keys.extent(1),
@@ -309,6 +333,51 @@ class kv_store {
     return record(stream);
   }
 
+  /// Appends rows [kv_heads, tokens, head_dim] of K and V (device memory,
+  /// unit innermost stride) at (layer, seq)'s committed count as the device
+  /// holds it when the call runs, then raises the count by `tokens`, all on
+  /// `stream`: capturable, and a replay appends at the new end. Past
+  /// `capacity` it writes nothing and raises `overflows()`. Returns the
+  /// event that completes when the rows are committed.
+  cudaEvent_t append_at_committed(index_t layer, index_t seq, kv_view<T const> keys, kv_view<T const> values,
+                                  cudaStream_t stream)
+  {
+    constexpr char const* where = "kv_store.append_at_committed";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
+    check_slot(layer, seq, where);
+    check_rows(keys, "keys", where);
+    check_rows(values, "values", where);
+    PQKV_EXPECTS(keys.extent(1) == values.extent(1), where, "keys.extent(1)=", keys.extent(1),
+                 ", values.extent(1)=", values.extent(1));
+    PQKV_EXPECTS(keys.stride(0) == values.stride(0) && keys.stride(1) == values.stride(1), where,
+                 "keys and values strides differ: (", keys.stride(0), ", ", keys.stride(1), ") vs (", values.stride(0),
+                 ", ", values.stride(1), ")");
+    index_t const tokens = keys.extent(1);
+    PQKV_EXPECTS(tokens <= shape_.capacity, where, "tokens=", tokens, " exceeds capacity=", shape_.capacity);
+    auto const at = static_cast<std::size_t>(layer * shape_.sequences + seq);
+    device_side_[at] = 1;
+    if (tokens == 0) { return last_event_; }
+    pqkv::detail::gpu_check::expect_device_pointer(keys.data_handle(), where, "keys.data_handle()");
+    pqkv::detail::gpu_check::expect_device_pointer(values.data_handle(), where, "values.data_handle()");
+    auto const rb = static_cast<std::int64_t>(row_bytes());
+    auto const slot_offset = static_cast<std::int64_t>(at) * shape_.kv_heads * shape_.capacity * rb;
+    pqkv::detail::gather_gpu::append_args a{};
+    a.k_src = reinterpret_cast<std::byte const*>(keys.data_handle());
+    a.v_src = reinterpret_cast<std::byte const*>(values.data_handle());
+    a.src_head_stride = static_cast<std::int64_t>(keys.stride(0)) * static_cast<std::int64_t>(sizeof(T));
+    a.src_row_stride = static_cast<std::int64_t>(keys.stride(1)) * static_cast<std::int64_t>(sizeof(T));
+    a.k_dst = reinterpret_cast<std::byte*>(dev_keys_) + slot_offset;
+    a.v_dst = reinterpret_cast<std::byte*>(dev_values_) + slot_offset;
+    a.capacity = shape_.capacity;
+    a.row_bytes = rb;
+    a.committed = committed_ + at;
+    a.overflow = overflows_;
+    a.kv_heads = static_cast<int>(shape_.kv_heads);
+    a.tokens = static_cast<int>(tokens);
+    pqkv::detail::gather_gpu::launch_append_at_committed(a, committed_ + at, stream);
+    return record(stream);
+  }
+
   /// Shrinks (layer, seq) to `tokens` rows: the committed count drops on
   /// `stream` before any later append's copies, so no gather reads the old rows
   /// past it.
@@ -318,9 +387,11 @@ class kv_store {
     pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
     auto const at = static_cast<std::size_t>(layer * shape_.sequences + seq);
-    PQKV_EXPECTS(tokens >= 0 && tokens <= sizes_[at], where, "tokens=", tokens, " is outside [0, size=", sizes_[at],
-                 "]");
+    // A (layer, seq) appended on the device: the host cannot check against its size.
+    index_t const bound = device_side_[at] != 0 ? shape_.capacity : sizes_[at];
+    PQKV_EXPECTS(tokens >= 0 && tokens <= bound, where, "tokens=", tokens, " is outside [0, ", bound, "]");
     sizes_[at] = tokens;
+    device_side_[at] = 0;
     pqkv::detail::gather_gpu::launch_set_committed(committed_ + at, static_cast<std::int32_t>(tokens), stream);
     return record(stream);
   }
@@ -330,7 +401,9 @@ class kv_store {
   {
     pqkv::detail::gpu_check::expect_current_device(device_, "kv_store.reset");
     std::fill(sizes_.begin(), sizes_.end(), index_t{0});
+    std::fill(device_side_.begin(), device_side_.end(), std::uint8_t{0});
     PQKV_CUDA_TRY(cudaMemsetAsync(committed_, 0, sizes_.size() * sizeof(std::int32_t), stream));
+    PQKV_CUDA_TRY(cudaMemsetAsync(overflows_, 0, sizeof(std::int32_t), stream));
     return record(stream);
   }
 
@@ -349,6 +422,13 @@ class kv_store {
   {
     PQKV_EXPECTS(layer >= 0 && layer < shape_.layers, where, "layer=", layer, " is outside [0, ", shape_.layers, ")");
     PQKV_EXPECTS(seq >= 0 && seq < shape_.sequences, where, "seq=", seq, " is outside [0, ", shape_.sequences, ")");
+  }
+
+  void check_host_side(index_t layer, index_t seq, char const* where) const
+  {
+    PQKV_EXPECTS(device_side_[static_cast<std::size_t>(layer * shape_.sequences + seq)] == 0, where, "(layer=", layer,
+                 ", seq=", seq, ") is appended on the device (append_at_committed): its size lives in committed(); "
+                 "truncate or reset it first");
   }
 
   void check_rows(kv_view<T const> v, char const* name, char const* where) const
@@ -404,7 +484,9 @@ class kv_store {
   T* dev_keys_ = nullptr;
   T* dev_values_ = nullptr;
   std::int32_t* committed_ = nullptr;   // device [layers, sequences]
+  std::int32_t* overflows_ = nullptr;   // device: append_at_committed calls past capacity
   std::vector<index_t> sizes_;          // host [layers, sequences]: rows enqueued
+  std::vector<std::uint8_t> device_side_;  // host [layers, sequences]: appended on the device since the last truncate/reset
   std::array<cudaEvent_t, event_ring> events_{};
   std::size_t next_event_ = 0;
   cudaEvent_t last_event_ = nullptr;

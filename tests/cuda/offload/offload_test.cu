@@ -220,6 +220,89 @@ TEST_CASE("kv_store: appends of prefill chunks (HND) and decode tokens (NHD) lan
   PQKV_CUDA_TRY(cudaStreamDestroy(stream));
 }
 
+template <class T>
+void check_append_at_committed(index_t head_dim)
+{
+  cudaStream_t stream = nullptr;
+  PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  index_t const capacity = 9, tokens = 2, replays = 5;  // the fifth replay would pass capacity
+  pqkv::gpu::kv_store_shape const shape{.layers = 2, .sequences = 2, .kv_heads = 3, .capacity = capacity,
+                                        .head_dim = head_dim};
+  pqkv::gpu::kv_store<T> store{shape};
+  // One prefill row on the host path first, then the device appends go after it.
+  auto const first = random_rows<T>(static_cast<std::size_t>(shape.kv_heads * head_dim), 40);
+  pqkv::device_buffer<T> first_d(first.size());
+  upload(first_d, first);
+  auto const first_v = pqkv::make_strided_view<T const, 3>(first_d.data(), {shape.kv_heads, 1, head_dim},
+                                                           {head_dim, head_dim, 1});
+  store.append(1, 1, first_v, first_v, stream);
+  // A decode token buffer [tokens, kv_heads, head_dim] (NHD), rewritten before each replay.
+  std::size_t const elems = static_cast<std::size_t>(tokens * shape.kv_heads * head_dim);
+  pqkv::device_buffer<T> k_d(elems), v_d(elems);
+  auto const kv = [&](pqkv::device_buffer<T>& b) {
+    return pqkv::make_strided_view<T const, 3>(b.data(), {shape.kv_heads, tokens, head_dim},
+                                               {head_dim, shape.kv_heads * head_dim, 1});
+  };
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  PQKV_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  store.append_at_committed(1, 1, kv(k_d), kv(v_d), stream);
+  PQKV_CUDA_TRY(cudaStreamEndCapture(stream, &graph));
+  PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<std::vector<T>> sent_k, sent_v;
+  for (index_t r = 0; r < replays; ++r) {
+    sent_k.push_back(random_rows<T>(elems, 50 + static_cast<std::uint64_t>(r)));
+    sent_v.push_back(random_rows<T>(elems, 60 + static_cast<std::uint64_t>(r)));
+    upload(k_d, sent_k.back());
+    upload(v_d, sent_v.back());
+    PQKV_CUDA_TRY(cudaGraphLaunch(exec, stream));
+    PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+  }
+  std::int32_t committed[4] = {}, overflows = 0;
+  PQKV_CUDA_TRY(cudaMemcpy(committed, store.committed(), sizeof(committed), cudaMemcpyDeviceToHost));
+  PQKV_CUDA_TRY(cudaMemcpy(&overflows, store.overflows(), sizeof(overflows), cudaMemcpyDeviceToHost));
+  CHECK(committed[3] == 1 + 4 * tokens);  // 1 + 4 * 2 = 9 = capacity; the fifth replay wrote nothing
+  CHECK(committed[0] == 0);
+  CHECK(overflows == 1);
+  auto const row = static_cast<std::size_t>(head_dim) * sizeof(T);
+  for (index_t g = 0; g < shape.kv_heads; ++g) {
+    auto const* base_k = reinterpret_cast<unsigned char const*>(
+      store.host_keys() + ((1 * shape.sequences + 1) * shape.kv_heads + g) * capacity * head_dim);
+    auto const* base_v = reinterpret_cast<unsigned char const*>(
+      store.host_values() + ((1 * shape.sequences + 1) * shape.kv_heads + g) * capacity * head_dim);
+    CHECK(std::memcmp(base_k, first.data() + g * head_dim, row) == 0);
+    for (index_t r = 0; r < 4; ++r) {
+      for (index_t t = 0; t < tokens; ++t) {
+        auto const pos = static_cast<std::size_t>(1 + r * tokens + t);
+        auto const src = static_cast<std::size_t>((t * shape.kv_heads + g) * head_dim);
+        CHECK(std::memcmp(base_k + pos * row, sent_k[static_cast<std::size_t>(r)].data() + src, row) == 0);
+        CHECK(std::memcmp(base_v + pos * row, sent_v[static_cast<std::size_t>(r)].data() + src, row) == 0);
+      }
+    }
+  }
+  // The host no longer knows this (layer, seq)'s size: host appends and size() refuse until a truncate.
+  CHECK_THROWS_AS(store.append(1, 1, first_v, first_v, stream), pqkv::error);
+  CHECK_THROWS_AS((void)store.size(1, 1), pqkv::error);
+  CHECK(store.size(0, 0) == 0);
+  store.truncate(1, 1, 3, stream);
+  CHECK(store.size(1, 1) == 3);
+  store.append(1, 1, first_v, first_v, stream);
+  PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+  PQKV_CUDA_TRY(cudaMemcpy(committed, store.committed(), sizeof(committed), cudaMemcpyDeviceToHost));
+  CHECK(committed[3] == 4);
+  PQKV_CUDA_TRY(cudaGraphExecDestroy(exec));
+  PQKV_CUDA_TRY(cudaGraphDestroy(graph));
+  PQKV_CUDA_TRY(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("kv_store: append_at_committed replays from a graph at the device's count, bit for bit, and stops at capacity")
+{
+  PQKV_REQUIRE_GPU();
+  check_append_at_committed<__nv_bfloat16>(128);  // 16-byte stores
+  check_append_at_committed<float>(5);            // 4-byte stores
+  check_append_at_committed<__nv_fp8_e4m3>(7);    // byte stores
+}
+
 TEST_CASE("gather: rows equal the stored originals bit for bit, every dtype and padding pattern")
 {
   PQKV_REQUIRE_GPU();
