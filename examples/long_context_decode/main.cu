@@ -459,8 +459,9 @@ class device_run {
     return a;
   }
 
-  /// The decode stages of one step; `instrument` records the timeline, `offload` includes the store append.
-  pqkv::gpu::decode_stages stages_for(per_budget& p, bool instrument, bool offload)
+  /// The decode stages of one step; `instrument` records the timeline, `offload` includes the store append
+  /// (at the device's committed count when `in_graph`, so that replays append at the new end).
+  pqkv::gpu::decode_stages stages_for(per_budget& p, bool instrument, bool offload, bool in_graph = false)
   {
     auto const H = static_cast<index_t>(heads_), B = static_cast<index_t>(batch_), K = static_cast<index_t>(p.k);
     auto const m = static_cast<index_t>(o_.m), ks = static_cast<index_t>(ksub()), dsub = static_cast<index_t>(d / o_.m);
@@ -535,24 +536,30 @@ class device_run {
       mark(l, 10, s);
     };
     if (offload) {
-      st.offload = [this, mark](index_t li, cudaStream_t s) {
+      st.offload = [this, mark, in_graph](index_t li, cudaStream_t s) {
         int const l = static_cast<int>(li);
         mark(l, 11, s);
-        append_new(l, s);
+        append_new(l, s, in_graph);
         mark(l, 12, s);
       };
     }
     return st;
   }
 
-  /// The new token's K/V of layer l into the store (d2h).
-  void append_new(int l, cudaStream_t s)
+  /// The new token's K/V of layer l into the store (d2h): at the host's size,
+  /// or at the device's committed count (`device_side`, capturable).
+  void append_new(int l, cudaStream_t s, bool device_side = false)
   {
     auto const H = static_cast<index_t>(heads_);
     for (int b = 0; b < batch_; ++b) {
       std::size_t const off = (static_cast<std::size_t>(l) * rows() + static_cast<std::size_t>(b) * heads_) * d;
-      store_->append(l, b, pqkv::make_view(static_cast<bf16 const*>(new_k_.data() + off), H, 1, d),
-                     pqkv::make_view(static_cast<bf16 const*>(new_v_.data() + off), H, 1, d), s);
+      auto const k = pqkv::make_view(static_cast<bf16 const*>(new_k_.data() + off), H, 1, d);
+      auto const v = pqkv::make_view(static_cast<bf16 const*>(new_v_.data() + off), H, 1, d);
+      if (device_side) {
+        store_->append_at_committed(l, b, k, v, s);
+      } else {
+        store_->append(l, b, k, v, s);
+      }
     }
   }
 
@@ -702,15 +709,14 @@ class device_run {
     return total / o_.steps;
   }
 
-  /// Captures one step without the store append: `kv_store::append` places
-  /// rows by its host-side size, so a replayed append would rewrite the same
-  /// rows. The append runs eagerly on d2h after each replay (off the step's
-  /// critical path, as in the pipeline).
+  /// Captures one whole step, the store append included: it appends at the
+  /// device's committed count (`kv_store::append_at_committed`), so every
+  /// replay appends at the new end. Afterwards the host takes the store's
+  /// sizes back (`truncate` to the committed counts) for the eager steps.
   void graph_steps(pqkv::gpu::layer_pipeline& pipe, per_budget& p, decode_result& res)
   {
     cudaStream_t const origin = streams_->compute();
-    cudaStream_t const d2h = streams_->d2h();
-    auto const st = stages_for(p, false, false);
+    auto const st = stages_for(p, false, true, true);
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     PQKV_CUDA_TRY(cudaStreamSynchronize(origin));
@@ -729,25 +735,32 @@ class device_run {
     }
     PQKV_CUDA_TRY(cudaStreamEndCapture(origin, &graph));
     PQKV_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
-    pqkv::gpu::event launched{device_, cudaEventDisableTiming};
     double total = 0;
     for (int s = 0; s < o_.steps + 1; ++s) {  // the first replay uploads the graph: not timed
       PQKV_CUDA_TRY(cudaEventRecord(step_begin_, origin));
       PQKV_CUDA_TRY(cudaGraphLaunch(exec, origin));
       PQKV_CUDA_TRY(cudaEventRecord(step_end_, origin));
       ++host_len_;
-      launched.record(origin);
-      launched.wait(d2h);
-      for (int l = 0; l < o_.layers; ++l) { append_new(l, d2h); }
-      store_->wait(origin);  // the next step's model overwrites the new-token buffers
       double const t = elapsed(step_begin_, step_end_);
       if (s > 0) { total += t; }
     }
     PQKV_CUDA_TRY(cudaStreamSynchronize(origin));
     res.graph = total / o_.steps;
-    res.graph_note = "offload of the new K/V eager on d2h";
+    res.graph_note = "the store append inside the graph (at the device's committed count)";
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
+    // The host takes the sizes back: every (layer, sequence) holds host_len_ rows.
+    std::vector<std::int32_t> committed(static_cast<std::size_t>(o_.layers) * static_cast<std::size_t>(batch_));
+    PQKV_CUDA_TRY(cudaMemcpy(committed.data(), store_->committed(), committed.size() * sizeof(std::int32_t),
+                             cudaMemcpyDeviceToHost));
+    for (int l = 0; l < o_.layers; ++l) {
+      for (int b = 0; b < batch_; ++b) {
+        auto const c = committed[static_cast<std::size_t>(l) * static_cast<std::size_t>(batch_) + static_cast<std::size_t>(b)];
+        PQKV_EXPECTS(c == host_len_, "long_context_decode", "layer ", l, ", sequence ", b, ": the store holds ", c,
+                     " rows after the graph steps, expected ", host_len_);
+        store_->truncate(l, b, c, origin);
+      }
+    }
   }
 
   // ---------------------------------------------------------------- quality check
