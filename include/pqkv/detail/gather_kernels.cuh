@@ -228,7 +228,7 @@ struct append_args {
   std::byte* v_dst;
   std::int64_t capacity;
   std::int64_t row_bytes;
-  std::int32_t const* committed;  // this (layer, sequence)'s count
+  std::int32_t* committed;  // this (layer, sequence)'s count
   std::int32_t* overflow;
   int kv_heads;
   int tokens;
@@ -282,11 +282,11 @@ __global__ void advance_committed_kernel(std::int32_t* committed, std::int64_t c
   __threadfence_system();
 }
 
-inline void launch_append_at_committed(append_args const& a, std::int32_t* committed, cudaStream_t stream)
+inline void launch_append_at_committed(append_args const& a, cudaStream_t stream)
 {
   append_rows_kernel<><<<a.kv_heads * a.tokens, 128, 0, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
-  advance_committed_kernel<><<<1, 1, 0, stream>>>(committed, a.capacity, a.tokens);
+  advance_committed_kernel<><<<1, 1, 0, stream>>>(a.committed, a.capacity, a.tokens);
   PQKV_CUDA_CHECK_LAST();
 }
 

@@ -316,10 +316,7 @@ class kv_store {
     pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
     check_host_side(layer, seq, where);
-    check_rows(keys, "keys", where);
-    check_rows(values, "values", where);
-    PQKV_EXPECTS(keys.extent(1) == values.extent(1), where, "keys.extent(1)=", keys.extent(1),
-                 ", values.extent(1)=", values.extent(1));
+    check_views(keys, values, where);
     index_t const tokens = keys.extent(1);
     auto const at = static_cast<std::size_t>(layer * shape_.sequences + seq);
     index_t const start = sizes_[at];
@@ -345,10 +342,7 @@ class kv_store {
     constexpr char const* where = "kv_store.append_at_committed";
     pqkv::detail::gpu_check::expect_current_device(device_, where);
     check_slot(layer, seq, where);
-    check_rows(keys, "keys", where);
-    check_rows(values, "values", where);
-    PQKV_EXPECTS(keys.extent(1) == values.extent(1), where, "keys.extent(1)=", keys.extent(1),
-                 ", values.extent(1)=", values.extent(1));
+    check_views(keys, values, where);
     PQKV_EXPECTS(keys.stride(0) == values.stride(0) && keys.stride(1) == values.stride(1), where,
                  "keys and values strides differ: (", keys.stride(0), ", ", keys.stride(1), ") vs (", values.stride(0),
                  ", ", values.stride(1), ")");
@@ -374,7 +368,7 @@ class kv_store {
     a.overflow = overflows_;
     a.kv_heads = static_cast<int>(shape_.kv_heads);
     a.tokens = static_cast<int>(tokens);
-    pqkv::detail::gather_gpu::launch_append_at_committed(a, committed_ + at, stream);
+    pqkv::detail::gather_gpu::launch_append_at_committed(a, stream);
     return record(stream);
   }
 
@@ -429,6 +423,15 @@ class kv_store {
     PQKV_EXPECTS(device_side_[static_cast<std::size_t>(layer * shape_.sequences + seq)] == 0, where, "(layer=", layer,
                  ", seq=", seq, ") is appended on the device (append_at_committed): its size lives in committed(); "
                  "truncate or reset it first");
+  }
+
+  /// Both appends: K and V rows of the store's shape, as many of each.
+  void check_views(kv_view<T const> keys, kv_view<T const> values, char const* where) const
+  {
+    check_rows(keys, "keys", where);
+    check_rows(values, "values", where);
+    PQKV_EXPECTS(keys.extent(1) == values.extent(1), where, "keys.extent(1)=", keys.extent(1),
+                 ", values.extent(1)=", values.extent(1));
   }
 
   void check_rows(kv_view<T const> v, char const* name, char const* where) const
