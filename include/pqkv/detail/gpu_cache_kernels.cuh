@@ -92,7 +92,26 @@ struct shared_scratch {
   int done;
   unsigned long long lo, hi;
   int flags[4];
+  // The fast path's candidates before the select: the occupied slots' count
+  // (from the preload) less the slots this step pins, and a key range that
+  // holds them (the occupied slots').
+  int pre_count;
+  unsigned long long pre_lo, pre_hi;
 };
+
+/// Warp-wide minimum and maximum of 64-bit keys: two 32-bit reductions each.
+__device__ __forceinline__ unsigned long long warp_min(unsigned long long v)
+{
+  auto const h = __reduce_min_sync(0xFFFFFFFFu, static_cast<unsigned int>(v >> 32));
+  auto const l = __reduce_min_sync(0xFFFFFFFFu, static_cast<unsigned int>(v >> 32) == h ? static_cast<unsigned int>(v) : ~0u);
+  return (static_cast<unsigned long long>(h) << 32) | l;
+}
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v)
+{
+  auto const h = __reduce_max_sync(0xFFFFFFFFu, static_cast<unsigned int>(v >> 32));
+  auto const l = __reduce_max_sync(0xFFFFFFFFu, static_cast<unsigned int>(v >> 32) == h ? static_cast<unsigned int>(v) : 0u);
+  return (static_cast<unsigned long long>(h) << 32) | l;
+}
 
 /// Float bits mapped so that unsigned order is float order (-0 as +0).
 __device__ __forceinline__ std::uint32_t ordered_bits(float x)
@@ -145,7 +164,9 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// rank, from any thread); returns r = min(want, candidates). keys[i] (shared
 /// or global memory) is i's key, ~0 when i is no candidate. sel_key /
 /// sel_idx: global scratch of 2 n entries, used only when more than a tile is
-/// selected.
+/// selected. `known`: the candidates' count and a key range that holds them
+/// all (it may be wider), when the caller has them (count < 0: the select
+/// reduces them itself).
 ///
 /// Steps: one reduction for the candidates' count and key range; a radix
 /// select of the threshold key T, 8 bits a pass from the highest bit where
@@ -157,25 +178,29 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// tile an LSD radix sort in global scratch, 4 bits a pass.
 template <class Emit>
 __device__ int select_smallest(int n, int want, unsigned long long const* keys, unsigned long long* sel_key,
-                               std::int32_t* sel_idx, Emit emit, shared_scratch& sh)
+                               std::int32_t* sel_idx, Emit emit, shared_scratch& sh,
+                               key_range known = key_range{-1, 0, 0})
 {
   // keys[i] == no_key: i is no candidate. The loops below load a key and
   // select on it without branching around the load.
   constexpr unsigned long long no_key = ~0ull;
   for (int b = static_cast<int>(threadIdx.x); b < 256; b += block_threads) { sh.hist[b] = 0; }
-  key_range local{0, no_key, 0};
-  for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
-    unsigned long long const k = keys[i];
-    bool const c = k != no_key;
-    local.count += c ? 1 : 0;
-    local.lo = c && k < local.lo ? k : local.lo;
-    local.hi = c && k > local.hi ? k : local.hi;
+  if (known.count < 0) {
+    key_range local{0, no_key, 0};
+    for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
+      unsigned long long const k = keys[i];
+      bool const c = k != no_key;
+      local.count += c ? 1 : 0;
+      local.lo = c && k < local.lo ? k : local.lo;
+      local.hi = c && k > local.hi ? k : local.hi;
+    }
+    key_range const all = block_reduce_range(sh.temp.range).Reduce(local, merge_key_range{});
+    if (threadIdx.x == 0) { known = all; }
   }
-  key_range const all = block_reduce_range(sh.temp.range).Reduce(local, merge_key_range{});
   if (threadIdx.x == 0) {
-    sh.total = all.count;
-    sh.lo = all.lo;
-    sh.hi = all.hi;
+    sh.total = known.count;
+    sh.lo = known.lo;
+    sh.hi = known.hi;
   }
   __syncthreads();
   int const total = sh.total;
@@ -198,7 +223,7 @@ __device__ int select_smallest(int n, int want, unsigned long long const* keys, 
     int want = r;
     for (bool first = true;; first = false) {
       if (!first) {
-        // The in-play keys' min and max: warp shuffles, then one word per warp.
+        // The in-play keys' min and max: warp reductions, then one word per warp.
         unsigned long long mn = no_key, mx = 0;
         for (int i = static_cast<int>(threadIdx.x); i < n; i += block_threads) {
           unsigned long long const k = keys[i];
@@ -206,13 +231,8 @@ __device__ int select_smallest(int n, int want, unsigned long long const* keys, 
           mn = in_play && k < mn ? k : mn;
           mx = in_play && k > mx ? k : mx;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          unsigned long long const a = __shfl_xor_sync(0xFFFFFFFFu, mn, o);
-          unsigned long long const b = __shfl_xor_sync(0xFFFFFFFFu, mx, o);
-          mn = a < mn ? a : mn;
-          mx = b > mx ? b : mx;
-        }
+        mn = warp_min(mn);
+        mx = warp_max(mx);
         if ((threadIdx.x & 31u) == 0) {
           sh.warp_lo[threadIdx.x / 32] = mn;
           sh.warp_hi[threadIdx.x / 32] = mx;
@@ -240,18 +260,28 @@ __device__ int select_smallest(int n, int want, unsigned long long const* keys, 
       // add as one: keys of one step often share a stamp.
       unsigned int const lane = threadIdx.x & 31u;
       unsigned int* hist = sh.hist;
-      for (int i0 = static_cast<int>(threadIdx.x - lane); i0 < n; i0 += block_threads) {
-        int const i = i0 + static_cast<int>(lane);
-        unsigned long long const k = i < n ? keys[i] : no_key;
-        bool const in_play = k != no_key && k >= plo && k <= phi;
-        unsigned int const active = __ballot_sync(0xFFFFFFFFu, in_play);
-        if (active == 0) { continue; }
-        auto const digit = static_cast<unsigned int>(k >> shift) & 0xFFu;
-        int const leader = __ffs(static_cast<int>(active)) - 1;
-        unsigned int const lead_digit = __shfl_sync(0xFFFFFFFFu, digit, leader);
-        unsigned int const same = __ballot_sync(0xFFFFFFFFu, in_play && digit == lead_digit);
-        if (static_cast<int>(lane) == leader) { atomicAdd(&hist[lead_digit], static_cast<unsigned int>(__popc(same))); }
-        if (in_play && digit != lead_digit) { atomicAdd(&hist[digit], 1u); }
+      // Each thread loads hist_items keys before counting any: the loads
+      // cannot move past the shared atomics on their own.
+      constexpr int hist_items = 4;
+      for (int i0 = static_cast<int>(threadIdx.x - lane); i0 < n; i0 += block_threads * hist_items) {
+        unsigned long long k[hist_items];
+#pragma unroll
+        for (int u = 0; u < hist_items; ++u) {
+          int const i = i0 + u * block_threads + static_cast<int>(lane);
+          k[u] = i < n ? keys[i] : no_key;
+        }
+#pragma unroll
+        for (int u = 0; u < hist_items; ++u) {
+          bool const in_play = k[u] != no_key && k[u] >= plo && k[u] <= phi;
+          unsigned int const active = __ballot_sync(0xFFFFFFFFu, in_play);
+          if (active == 0) { continue; }
+          auto const digit = static_cast<unsigned int>(k[u] >> shift) & 0xFFu;
+          int const leader = __ffs(static_cast<int>(active)) - 1;
+          unsigned int const lead_digit = __shfl_sync(0xFFFFFFFFu, digit, leader);
+          unsigned int const same = __ballot_sync(0xFFFFFFFFu, in_play && digit == lead_digit);
+          if (static_cast<int>(lane) == leader) { atomicAdd(&hist[lead_digit], static_cast<unsigned int>(__popc(same))); }
+          if (in_play && digit != lead_digit) { atomicAdd(&hist[digit], 1u); }
+        }
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -576,6 +606,9 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     a.steps[row] = st;
     s_step = st;
     s_used = static_cast<int>(a.used[row]);
+    sh.pre_count = 0;
+    sh.pre_lo = ~0ull;
+    sh.pre_hi = 0;
   }
   std::int32_t const newest = a.reserved && a.newest != nullptr ? a.newest[row / a.kv_heads] : -1;
   auto const reserved_slot = static_cast<std::int32_t>(a.managed);
@@ -613,34 +646,80 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     }
   }
 
+  // The occupied slots' count and key range, gathered while loading them:
+  // the select then needs no pass of its own for them.
+  key_range pre{0, ~0ull, 0};
   if (fast) {
     float const* score = a.score + rm;
     std::uint32_t const* stamp = a.stamp + rm;
     int const occupied = static_cast<int>(a.used[row]);
-    // 8 slots per thread in flight: the loads are one round trip per 4096 slots.
-    constexpr int preload_items = 8;
-    for (int s0 = static_cast<int>(threadIdx.x); s0 < a.managed; s0 += block_threads * preload_items) {
-      float sc[preload_items];
-      std::uint32_t stp[preload_items];
-      std::int32_t kof[preload_items];
+    // One slot's eviction key: free slots hold the sentinel ~0 (no
+    // candidate); so will the pinned ones.
+    auto evict_key_of = [&](int at, float sc, std::uint32_t stp) {
+      unsigned long long k = (static_cast<unsigned long long>(ordered_bits(sc)) << 32) | stp;
+      k = k == ~0ull ? ~0ull - 1 : k;
+      if (at >= occupied) { return ~0ull; }
+      pre.count += 1;
+      pre.lo = k < pre.lo ? k : pre.lo;
+      pre.hi = k > pre.hi ? k : pre.hi;
+      return k;
+    };
+    if (a.managed % 4 == 0) {
+      // 16-byte loads and stores, 4 slots each (the row and the shared
+      // arrays are then 16-byte aligned): 8 slots per thread in flight, the
+      // loads one round trip per 4096 slots.
+      constexpr int quad_items = 2;
+      int const quads = a.managed / 4;
+      for (int q0 = static_cast<int>(threadIdx.x); q0 < quads; q0 += block_threads * quad_items) {
+        float4 sc[quad_items];
+        uint4 stp[quad_items];
+        int4 kof[quad_items];
 #pragma unroll
-      for (int u = 0; u < preload_items; ++u) {
-        int const at = s0 + u * block_threads;
-        int const sl = at < a.managed ? at : a.managed - 1;
-        sc[u] = score[sl];
-        stp[u] = stamp[sl];
-        kof[u] = key_of[sl];
+        for (int u = 0; u < quad_items; ++u) {
+          int const q = q0 + u * block_threads;
+          int const ql = q < quads ? q : quads - 1;
+          sc[u] = reinterpret_cast<float4 const*>(score)[ql];
+          stp[u] = reinterpret_cast<uint4 const*>(stamp)[ql];
+          kof[u] = reinterpret_cast<int4 const*>(key_of)[ql];
+        }
+#pragma unroll
+        for (int u = 0; u < quad_items; ++u) {
+          int const q = q0 + u * block_threads;
+          if (q >= quads) { continue; }
+          int const at = 4 * q;
+          reinterpret_cast<ulonglong2*>(s_evict_key)[2 * q] =
+            make_ulonglong2(evict_key_of(at, sc[u].x, stp[u].x), evict_key_of(at + 1, sc[u].y, stp[u].y));
+          reinterpret_cast<ulonglong2*>(s_evict_key)[2 * q + 1] =
+            make_ulonglong2(evict_key_of(at + 2, sc[u].z, stp[u].z), evict_key_of(at + 3, sc[u].w, stp[u].w));
+          reinterpret_cast<float4*>(s_score)[q] = sc[u];
+          reinterpret_cast<uint4*>(s_stamp)[q] = stp[u];
+          reinterpret_cast<int4*>(s_key_of)[q] = kof[u];
+        }
       }
+    } else {
+      // 8 slots per thread in flight: the loads are one round trip per 4096 slots.
+      constexpr int preload_items = 8;
+      for (int s0 = static_cast<int>(threadIdx.x); s0 < a.managed; s0 += block_threads * preload_items) {
+        float sc[preload_items];
+        std::uint32_t stp[preload_items];
+        std::int32_t kof[preload_items];
 #pragma unroll
-      for (int u = 0; u < preload_items; ++u) {
-        int const at = s0 + u * block_threads;
-        if (at >= a.managed) { continue; }
-        // Free slots hold the sentinel ~0 (no candidate); so will the pinned ones.
-        unsigned long long const k = (static_cast<unsigned long long>(ordered_bits(sc[u])) << 32) | stp[u];
-        s_evict_key[at] = at >= occupied ? ~0ull : (k == ~0ull ? ~0ull - 1 : k);
-        s_score[at] = sc[u];
-        s_stamp[at] = stp[u];
-        s_key_of[at] = kof[u];
+        for (int u = 0; u < preload_items; ++u) {
+          int const at = s0 + u * block_threads;
+          int const sl = at < a.managed ? at : a.managed - 1;
+          sc[u] = score[sl];
+          stp[u] = stamp[sl];
+          kof[u] = key_of[sl];
+        }
+#pragma unroll
+        for (int u = 0; u < preload_items; ++u) {
+          int const at = s0 + u * block_threads;
+          if (at >= a.managed) { continue; }
+          s_evict_key[at] = evict_key_of(at, sc[u], stp[u]);
+          s_score[at] = sc[u];
+          s_stamp[at] = stp[u];
+          s_key_of[at] = kof[u];
+        }
       }
     }
     for (int w = static_cast<int>(threadIdx.x); w < (a.managed + 31) / 32; w += block_threads) { s_pins[w] = 0; }
@@ -657,7 +736,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
                                                      static_cast<std::uint32_t>(a.managed), step};
 
   // 1. Hits; misses claim their key with the lowest position holding it.
-  int hits = 0, bad = 0, valid_count = 0;
+  int hits = 0, bad = 0, valid_count = 0, pins = 0;
   for (int base = 0; base < a.n; base += tile) {
     int const j0 = base + static_cast<int>(threadIdx.x) * scan_items;
     std::int32_t key[scan_items], s[scan_items];
@@ -682,6 +761,7 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
           std::uint32_t const bit = 1u << (s[u] & 31);
           first[u] = (atomicOr(&s_pins[s[u] >> 5], bit) & bit) == 0 ? 1u : 0u;
           if (first[u] != 0) { s_evict_key[s[u]] = ~0ull; }  // pinned: no longer a candidate
+          pins += static_cast<int>(first[u]);
         } else {
           first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
         }
@@ -798,7 +878,24 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         }
         __syncthreads();
       }
-      inserted += select_smallest(a.managed, misses - to_free, evict_key, sk, si, to_victim, sh);
+      // The fast path knows its candidates: the occupied slots less this
+      // step's pins, each thread's share still in registers.
+      key_range known{-1, 0, 0};
+      if (fast) {
+        int const count = __reduce_add_sync(0xFFFFFFFFu, pre.count - pins);
+        unsigned long long const lo = warp_min(pre.lo);
+        unsigned long long const hi = warp_max(pre.hi);
+        if ((threadIdx.x & 31u) == 0) {
+          atomicAdd(&sh.pre_count, count);
+          if (lo != ~0ull) {
+            atomicMin(&sh.pre_lo, lo);
+            atomicMax(&sh.pre_hi, hi);
+          }
+        }
+        __syncthreads();
+        known = key_range{sh.pre_count, sh.pre_lo, sh.pre_hi};
+      }
+      inserted += select_smallest(a.managed, misses - to_free, evict_key, sk, si, to_victim, sh, known);
     }
   } else {
     __syncthreads();
@@ -868,9 +965,17 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
     float* score = a.score + rm;
     std::uint32_t* stamp = a.stamp + rm;
     int const occupied = used + to_free;
-    for (int sl = static_cast<int>(threadIdx.x); sl < occupied; sl += block_threads) {
-      score[sl] = s_score[sl];
-      stamp[sl] = s_stamp[sl];
+    if (a.managed % 4 == 0) {
+      // Whole 16-byte quads: the slots past `occupied` go back as they were loaded.
+      for (int q = static_cast<int>(threadIdx.x); q < (occupied + 3) / 4; q += block_threads) {
+        reinterpret_cast<float4*>(score)[q] = reinterpret_cast<float4 const*>(s_score)[q];
+        reinterpret_cast<uint4*>(stamp)[q] = reinterpret_cast<uint4 const*>(s_stamp)[q];
+      }
+    } else {
+      for (int sl = static_cast<int>(threadIdx.x); sl < occupied; sl += block_threads) {
+        score[sl] = s_score[sl];
+        stamp[sl] = s_stamp[sl];
+      }
     }
   }
   // Counters: warp sums, then one shared atomic per warp and counter.
