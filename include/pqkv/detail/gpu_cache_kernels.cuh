@@ -760,16 +760,18 @@ __global__ void __launch_bounds__(block_threads) table_step_kernel(table_args a,
         if (fast) {
           std::uint32_t const bit = 1u << (s[u] & 31);
           first[u] = (atomicOr(&s_pins[s[u] >> 5], bit) & bit) == 0 ? 1u : 0u;
-          if (first[u] != 0) { s_evict_key[s[u]] = ~0ull; }  // pinned: no longer a candidate
-          pins += static_cast<int>(first[u]);
         } else {
           first[u] = atomicExch(&pinned[s[u]], step) != step ? 1u : 0u;
         }
       }
       if (s[u] < 0 && valid && !distinct) { atomicMin(&slot_of[key[u]], claim_base + j0 + u); }
     }
+    // The shared stores after all the pin atomics: a store between two of
+    // them would hold the next one back until the first returned.
 #pragma unroll
     for (int u = 0; u < scan_items; ++u) {
+      if (fast && first[u] != 0) { s_evict_key[s[u]] = ~0ull; }  // pinned: no longer a candidate
+      pins += static_cast<int>(first[u]);
       if (first[u] != 0) { policy.on_hit(state, static_cast<std::uint32_t>(s[u]), step); }
       hits += s[u] >= 0 ? 1 : 0;
       if (j0 + u < a.n) {
