@@ -16,7 +16,9 @@
 ///                the estimate's pre-scale sum (below)
 ///   estimate     one block per (sequence, KV head, q-head chunk, q block):
 ///                int8 tensor-core products of the chunk's rows with every
-///                non-forced causal key block, the keep rule, mask words
+///                non-forced causal key block, the keep rule, mask words;
+///                with a cap (max_blocks >= 0), also each kept block's score
+///                (workspace) and, per q head, the top max_blocks (below)
 ///   density      popcounts per head, then kept / causal
 ///
 /// Bit-exact means. The reference sums a channel in double in ascending
@@ -35,6 +37,21 @@
 /// bisection over the ordered float bit patterns. The estimate kernel then
 /// tests A >= T_i per element: the same decision as the reference for the
 /// same lse_i.
+///
+/// The cap, exactly as the reference's stable sort. With a cap the estimate
+/// tracks each row's largest A over a block's keys j <= i instead of the
+/// per-element test: the row passes iff that max >= T_i (the same decision),
+/// and, z~ being monotone in A, it gives the row's largest z~, so the block's
+/// score max_i double(z~(max_j A_ij)) - lse_i is the very value the reference
+/// ranks. Each kept block's score goes to the workspace as an order-
+/// preserving 64-bit key (one entry per causal block of a max_len sequence;
+/// a row's scores are its own thread block's writes, so no second launch).
+/// After the last key block, per q head whose kept non-forced blocks
+/// outnumber max_blocks, a block-wide radix select (8-bit digits, most
+/// significant first, stopping once the boundary digit range is taken whole)
+/// finds the cut: keys above it stay, keys at it stay in ascending block
+/// order up to the cap (the stable sort's tie-break), the rest are cleared.
+/// The uncapped instantiation compiles to the same code as before the cap.
 
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/views.hpp>
@@ -423,13 +440,19 @@ inline constexpr float dot_bias = 12582912.f;
 inline constexpr int est_rows = 256;   ///< most rows (q heads x Bq) one estimate block holds
 inline constexpr int est_mtiles = 2;   ///< 16-row tiles per warp
 
+inline constexpr int est_threads = 256;  ///< threads per estimate block (8 warps x est_mtiles x 16 = est_rows)
+inline constexpr int cap_digits = 256;   ///< radix-select bins (8-bit digits)
+
 /// Shared-memory layout of the estimate kernel (bytes).
 struct est_smem {
   int kstride;      // bytes per staged key row (dim + 16: conflict-free fragment loads)
   int stage_bytes;  // codes + sk + corr of one key block
   int words;        // mask words per (q head, q block)
   int hc;           // q heads per block
-  PQKV_HD static est_smem make(int dim, int bk, int hc, int words)
+  int cap_off;      // with a cap: lse[est_rows] f64, score base u64, best[hc] u64, row[est_rows] f32,
+                    // hist[cap_digits] u32, scalars[8], warp counts[8]
+  int cap_bytes;    // 0 without a cap
+  PQKV_HD static est_smem make(int dim, int bk, int hc, int words, bool cap = false)
   {
     est_smem l{};
     l.kstride = dim + 16;
@@ -437,20 +460,168 @@ struct est_smem {
     l.words = words;
     l.stage_bytes = bk * l.kstride + bk * 4 + hc * bk * 4;
     l.stage_bytes = (l.stage_bytes + 15) / 16 * 16;
+    l.cap_off = (2 * l.stage_bytes + hc * words * 4 + 15) / 16 * 16;
+    l.cap_bytes = cap ? est_rows * 12 + 8 + hc * 8 + cap_digits * 4 + 8 * 4 + (est_threads / 32) * 4 : 0;
     return l;
   }
-  [[nodiscard]] PQKV_HD int total() const { return 2 * stage_bytes + hc * words * 4; }
+  [[nodiscard]] PQKV_HD int total() const
+  {
+    return cap_bytes > 0 ? cap_off + cap_bytes : 2 * stage_bytes + hc * words * 4;
+  }
 };
+
+/// Entries of the score workspace before q block qb's row, per (sequence, q
+/// head): the causal blocks of q blocks [0, qb) of a max_len sequence (a
+/// sequence of n <= max_len tokens has no more). Closed form: with g =
+/// gcd(Bq, Bk), a = Bq / g, b = Bk / g, full q block q has ceil((q+1) a / b)
+/// causal blocks, and (-t a) mod b runs over every residue once per b terms.
+PQKV_HD constexpr long long score_row_offset(long long bq, long long bk, long long max_len, long long qb)
+{
+  long long x = bq, y = bk;
+  while (y != 0) {
+    long long const t = x % y;
+    x = y;
+    y = t;
+  }
+  long long const a = bq / x, b = bk / x;
+  long long const full = max_len / bq, k_blocks = (max_len + bk - 1) / bk;
+  long long const m = qb < full ? qb : full;  // sum_{t=1}^{m} ceil(t a / b)
+  long long pad = (m / b) * (b * (b - 1) / 2);
+  for (long long t = 1; t <= m % b; ++t) { pad += (b - (t * a) % b) % b; }
+  return (a * m * (m + 1) / 2 + pad) / b + (qb > full ? (qb - full) * k_blocks : 0);
+}
+
+/// What the capped estimate needs besides the uncapped one's arguments.
+struct cap_args {
+  int max_blocks;                // >= 0
+  float scale;                   // the logit scale
+  float const* row;              // [q_heads, tokens] row terms
+  double const* lse;             // [q_heads, tokens]
+  unsigned long long* scores;    // [batch, q_heads, stride] order keys of kept blocks' scores
+  long long stride;              // score_row_offset(.., q_blocks)
+};
+
+/// Order-preserving map of doubles to unsigned 64-bit keys (-0 as +0, so
+/// equal scores give equal keys).
+__device__ __forceinline__ unsigned long long score_key(double d)
+{
+  auto const u = static_cast<unsigned long long>(__double_as_longlong(__dadd_rn(d, 0.0)));
+  return (u >> 63) != 0 ? ~u : u | (1ull << 63);
+}
+
+/// Applies the cap to one mask row in shared memory: candidates are the set
+/// bits of blocks [ns, kl) (the non-forced causal ones), sc[kb] their keys
+/// (global, written by this block before a __syncthreads). Called by every
+/// thread of the block; ends with a __syncthreads. hist [cap_digits], sh
+/// [8] and wcnt [warps] are shared scratch.
+__device__ inline void cap_row(std::uint32_t* row, int ns, int kl, int cap, unsigned long long const* sc,
+                               unsigned* hist, int* sh, int* wcnt)
+{
+  int const tid = static_cast<int>(threadIdx.x), nthr = static_cast<int>(blockDim.x);
+  int const lane = tid & 31, warp = tid >> 5, warps = nthr >> 5;
+  auto span_bits = [ns, kl](int w) {  // bits of word w inside [ns, kl)
+    int const lo = max(ns - w * 32, 0), hi = min(kl - w * 32, 32);
+    if (hi <= lo) { return 0u; }
+    std::uint32_t const upto = hi == 32 ? 0xffffffffu : (1u << hi) - 1u;
+    return upto & ~((1u << lo) - 1u);
+  };
+  auto is_set = [row](int kb) { return ((row[kb >> 5] >> (kb & 31)) & 1u) != 0; };
+  if (tid == 0) { sh[0] = 0; }
+  __syncthreads();
+  int c = 0;
+  for (int w = ns / 32 + tid; w <= (kl - 1) / 32; w += nthr) { c += __popc(row[w] & span_bits(w)); }
+  if (c != 0) { atomicAdd(&sh[0], c); }
+  __syncthreads();
+  int const count = sh[0];
+  __syncthreads();  // sh[0] is rewritten below
+  if (count <= cap) { return; }
+  if (cap == 0) {
+    for (int w = ns / 32 + tid; w <= (kl - 1) / 32; w += nthr) { row[w] &= ~span_bits(w); }
+    __syncthreads();
+    return;
+  }
+  // Radix select: the cap-th largest key among the candidates. Invariant:
+  // 1 <= remaining <= candidates whose key matches prefix under pmask.
+  unsigned long long prefix = 0, pmask = 0;
+  int remaining = cap;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = tid; i < cap_digits; i += nthr) { hist[i] = 0u; }
+    __syncthreads();
+    for (int kb = ns + tid; kb < kl; kb += nthr) {
+      if (is_set(kb)) {
+        unsigned long long const key = sc[kb];
+        if ((key & pmask) == prefix) { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {  // lane l holds bins 255 - 8l .. 248 - 8l, scanned from the top
+      unsigned sum = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) { sum += hist[255 - 8 * lane - e]; }
+      unsigned incl = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        unsigned const u = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) { incl += u; }
+      }
+      unsigned above = incl - sum;
+      auto const rem = static_cast<unsigned>(remaining);
+      if (above < rem && rem <= incl) {
+        for (int e = 0; e < 8; ++e) {
+          int const bin = 255 - 8 * lane - e;
+          unsigned const hcount = hist[bin];
+          if (above + hcount >= rem) {
+            sh[1] = bin;
+            sh[2] = static_cast<int>(above);
+            sh[3] = static_cast<int>(hcount);
+            break;
+          }
+          above += hcount;
+        }
+      }
+    }
+    __syncthreads();
+    int const bin = sh[1], above = sh[2], in_bin = sh[3];
+    prefix |= static_cast<unsigned long long>(bin) << shift;
+    pmask |= 255ull << shift;
+    remaining -= above;
+    if (in_bin == remaining) { break; }  // the whole range is taken: no tie to break
+  }
+  // Keys above the range stay; keys in it stay in ascending block order while
+  // fewer than `remaining` were taken; the rest go.
+  int taken = 0;
+  for (int kb0 = ns; kb0 < kl; kb0 += nthr) {
+    int const kb = kb0 + tid;
+    bool const cand = kb < kl && is_set(kb);
+    unsigned long long const key = cand ? sc[kb] : 0ull;
+    bool const in_range = cand && (key & pmask) == prefix;
+    unsigned const ballot = __ballot_sync(0xffffffffu, in_range);
+    if (lane == 0) { wcnt[warp] = __popc(ballot); }
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < warps; ++w) {
+      before += w < warp ? wcnt[w] : 0;
+      total += wcnt[w];
+    }
+    int const rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
+    bool const keep = cand && ((key & pmask) > prefix || (in_range && rank < remaining));
+    if (cand && !keep) { atomicAnd(&row[kb >> 5], ~(1u << (kb & 31))); }
+    taken += total;
+    __syncthreads();  // wcnt is rewritten next round
+  }
+}
 
 /// The mask rows of (sequence, KV head g, q heads [h0, h0 + hc), q block).
 /// Warps own 2 row tiles of 16 (tile t: q head h0 + t / (Bq / 16), rows
 /// (t % (Bq / 16)) * 16 ..). Every non-forced causal key block is staged in
 /// shared memory (cp.async, double-buffered) and multiplied 32 keys at a time.
-template <int Dim>
-__global__ void __launch_bounds__(256) estimate_kernel(
+/// Cap: the file comment's cap (`cap` is read only then).
+template <int Dim, bool Cap = false>
+__global__ void __launch_bounds__(est_threads) estimate_kernel(
     std::int8_t const* q_codes, std::int8_t const* k_codes, float const* q_rs, float const* k_rs,
     float const* corr, float const* thr, float const* tau, std::int32_t const* cu, sparse_config cfg, int q_heads,
-    int kv_heads, int tokens, int max_len, int q_blocks, int words, int hc, est_smem L, std::uint32_t* bitmask)
+    int kv_heads, int tokens, int max_len, int q_blocks, int words, int hc, est_smem L, std::uint32_t* bitmask,
+    cap_args cap)
 {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int const bq = static_cast<int>(cfg.block_q), bk = static_cast<int>(cfg.block_k);
@@ -484,6 +655,21 @@ __global__ void __launch_bounds__(256) estimate_kernel(
     }
     kept[hh * words + w] = bits;
   }
+  // With a cap: each row slot's lse_i and row term (slot = tile * 16 + row in tile), and best[hh], the
+  // order key of the current block's score for q head h0 + hh (0: none yet).
+  [[maybe_unused]] auto* c_lse = reinterpret_cast<double*>(smem_raw + L.cap_off);
+  auto* c_base = reinterpret_cast<long long*>(c_lse + est_rows);  // score entry of (s, h0, qb, kb = 0)
+  auto* best = reinterpret_cast<unsigned long long*>(c_base + 1);
+  [[maybe_unused]] auto* c_row = reinterpret_cast<float*>(best + L.hc);
+  [[maybe_unused]] auto score_row = [&](int hh) {  // this q block's entries of q head h0 + hh
+    return cap.scores + *c_base + static_cast<long long>(hh) * cap.stride;
+  };
+  if constexpr (Cap) {
+    for (int e = tid; e < h_end - h0; e += static_cast<int>(blockDim.x)) { best[e] = 0ull; }
+    if (tid == 0) {
+      *c_base = (static_cast<long long>(s) * q_heads + h0) * cap.stride + score_row_offset(bq, bk, max_len, qb);
+    }
+  }
   bool any_sparse = false;
   for (int hh = h0; hh < h_end; ++hh) { any_sparse = any_sparse || tau[hh] > 0.f; }
   int const tiles_per_head = bq / 16, tiles = (h_end - h0) * tiles_per_head;
@@ -493,6 +679,7 @@ __global__ void __launch_bounds__(256) estimate_kernel(
     std::uint32_t afr[est_mtiles][KS][4];
     float sq[est_mtiles][2], th[est_mtiles][2];
     int hrow[est_mtiles], irow[est_mtiles][2];
+    [[maybe_unused]] unsigned okr = 0;  // Cap: bit 2 mt + half: the row is estimated
     int const gid = lane >> 2, tig = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < est_mtiles; ++mt) {
@@ -508,6 +695,14 @@ __global__ void __launch_bounds__(256) estimate_kernel(
         std::size_t const o = static_cast<std::size_t>(hh) * tokens + t0 + i;
         sq[mt][half] = ok ? q_rs[o] : 0.f;
         th[mt][half] = ok ? thr[o] : __int_as_float(0x7f800000);
+        if constexpr (Cap) {  // the quad's lane tig = 2 mt + half reads the slot back: no barrier
+          okr |= ok ? 1u << (2 * mt + half) : 0u;
+          if (ok && tig == 2 * mt + half) {
+            int const slot = tile * 16 + gid + 8 * half;
+            c_row[slot] = cap.row[o];
+            c_lse[slot] = cap.lse[o];
+          }
+        }
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
@@ -556,6 +751,11 @@ __global__ void __launch_bounds__(256) estimate_kernel(
       auto const* sk = reinterpret_cast<float const*>(base + bk * L.kstride);
       auto const* cr = sk + bk;
       bool hit[est_mtiles] = {};
+      [[maybe_unused]] float amax[est_mtiles][2];  // Cap: each row's largest A over the block's keys j <= i
+      if constexpr (Cap) {
+#pragma unroll
+        for (int mt = 0; mt < est_mtiles; ++mt) { amax[mt][0] = amax[mt][1] = -__int_as_float(0x7f800000); }
+      }
       // Blocks that end before the q block's first row need no causal test
       // (always so unless local < Bq); one instantiation each.
       auto multiply = [&](auto causal) {
@@ -599,9 +799,17 @@ __global__ void __launch_bounds__(256) estimate_kernel(
                     // exact: the accumulator started at the bias's bits and |dot| < 2^22
                     float const dot = __fsub_rn(__int_as_float(acc[mt][nt][2 * half + e]), dot_bias);
                     float const a = __fmaf_rn(__fmul_rn(sq[mt][half], skj), dot, cj);
-                    bool pass = a >= th[mt][half];
-                    if constexpr (decltype(causal)::value) { pass = pass && j <= irow[mt][half]; }
-                    hit[mt] = hit[mt] || pass;
+                    if constexpr (Cap) {  // the keep test is amax >= T_i, after the loop
+                      if constexpr (decltype(causal)::value) {
+                        amax[mt][half] = j <= irow[mt][half] ? fmaxf(amax[mt][half], a) : amax[mt][half];
+                      } else {
+                        amax[mt][half] = fmaxf(amax[mt][half], a);
+                      }
+                    } else {
+                      bool pass = a >= th[mt][half];
+                      if constexpr (decltype(causal)::value) { pass = pass && j <= irow[mt][half]; }
+                      hit[mt] = hit[mt] || pass;
+                    }
                   }
                 }
               }
@@ -616,6 +824,12 @@ __global__ void __launch_bounds__(256) estimate_kernel(
           multiply(std::false_type{});
         }
       }
+      if constexpr (Cap) {  // a >= T_i for some key iff the row's largest a is (th = +inf on rows not estimated)
+#pragma unroll
+        for (int mt = 0; mt < est_mtiles; ++mt) {
+          hit[mt] = amax[mt][0] >= th[mt][0] || amax[mt][1] >= th[mt][1];
+        }
+      }
 #pragma unroll
       for (int mt = 0; mt < est_mtiles; ++mt) {
         bool const any = __any_sync(0xffffffffu, hit[mt]);
@@ -624,10 +838,57 @@ __global__ void __launch_bounds__(256) estimate_kernel(
           atomicOr(&kept[(hrow[mt] - h0) * words + kb / 32], 1u << (kb % 32));
         }
       }
+      if constexpr (Cap) {  // the block's score: max over rows of double(z~(row's max A)) - lse_i
+        static_assert(est_mtiles == 2, "a quad's 4 lanes take its 2 x 2 rows");
+        float v[est_mtiles][2];
+#pragma unroll
+        for (int mt = 0; mt < est_mtiles; ++mt) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // the quad's lanes hold the same rows
+            v[mt][half] = fmaxf(amax[mt][half], __shfl_xor_sync(0xffffffffu, amax[mt][half], 1));
+            v[mt][half] = fmaxf(v[mt][half], __shfl_xor_sync(0xffffffffu, v[mt][half], 2));
+          }
+        }
+        int const my_mt = tig >> 1, my_half = tig & 1;  // this lane's row of the four
+        float const vm = tig == 0 ? v[0][0] : (tig == 1 ? v[0][1] : (tig == 2 ? v[1][0] : v[1][1]));
+        unsigned long long key = 0ull;
+        if (((okr >> tig) & 1u) != 0 && vm != -__int_as_float(0x7f800000)) {
+          int const slot = (warp * est_mtiles + my_mt) * 16 + gid + 8 * my_half;
+          float const z = __fmul_rn(cap.scale, __fadd_rn(vm, c_row[slot]));
+          key = score_key(__dsub_rn(static_cast<double>(z), c_lse[slot]));
+        }
+        auto max_xor = [&key](int o) {
+          unsigned long long const other = __shfl_xor_sync(0xffffffffu, key, o);
+          key = other > key ? other : key;
+        };
+        max_xor(1);  // max over the lanes of one row tile (same tig >> 1)
+        max_xor(4);
+        max_xor(8);
+        max_xor(16);
+        if ((lane == 0 || lane == 2) && key != 0ull) { atomicMax(&best[(lane == 0 ? hrow[0] : hrow[1]) - h0], key); }
+      }
       __syncthreads();  // the stage is refilled next iteration
+      if constexpr (Cap) {  // kept blocks' scores; best is next written after the next iteration's barrier
+        for (int hh = tid; hh < h_end - h0; hh += static_cast<int>(blockDim.x)) {
+          unsigned long long const key = best[hh];
+          best[hh] = 0ull;
+          if (key != 0ull && ((kept[hh * words + kb / 32] >> (kb % 32)) & 1u) != 0) { score_row(hh)[kb] = key; }
+        }
+      }
     }
   }
   __syncthreads();
+  if constexpr (Cap) {  // the cap, per sparse q head; scores were written before the barrier above
+    if (any_sparse && br.kl > br.ns) {
+      auto* hist = reinterpret_cast<unsigned*>(c_row + est_rows);
+      int* sh = reinterpret_cast<int*>(hist + cap_digits);
+      for (int hh = 0; hh < h_end - h0; ++hh) {
+        if (tau[h0 + hh] > 0.f) {
+          cap_row(kept + hh * words, br.ns, br.kl, cap.max_blocks, score_row(hh), hist, sh, sh + 8);
+        }
+      }
+    }
+  }
   for (int e = tid; e < (h_end - h0) * words; e += static_cast<int>(blockDim.x)) {
     int const hh = e / words, w = e % words;
     bitmask[((static_cast<std::size_t>(s) * q_heads + h0 + hh) * q_blocks + qb) * words + w] = kept[hh * words + w];

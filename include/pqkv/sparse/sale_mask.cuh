@@ -20,13 +20,24 @@
 /// so masks equal the CPU's except, in principle, blocks whose score lies
 /// within ~1e-12 of log(tau_h) (the reference contract allows 1e-4).
 ///
+/// The cap (`sparse_config::max_blocks` >= 0) is the reference's: per
+/// (sequence, q head, q block) the forced blocks stay and do not count; if
+/// more than max_blocks other blocks pass the keep test, the max_blocks with
+/// the highest scores stay, ties to the lower block index; tau_h = 0 rows
+/// stay dense. The scores ranked are the reference's values (max over rows
+/// of double(z~) - lse_i, from the same A the keep test compares), so capped
+/// masks also equal the CPU's, except where an lse_i that differs in its last
+/// ulp (above) swaps two scores within ~1e-16 of each other at the cut. The
+/// cap costs a score workspace of 8 bytes per causal block of every
+/// (sequence, q head) at max_len (`sale_workspace_layout::scores`, about
+/// batch * q_heads * max_len^2 / (2 Bq Bk) * 8 bytes; none without a cap)
+/// and no extra launch (detail/sale_kernels.cuh).
+///
 /// Per-head tau lives in device memory; `load_tau` validates host values and
 /// copies them. The kernels read tau on the device and treat a negative or
 /// NaN entry (which only a caller writing device memory directly can make) as
-/// 0, the dense side. Not supported here: `sparse_config::max_blocks` >= 0
-/// (the cap needs every block's score; the constructor throws), and row
-/// statistics whose forced keys do not fit shared memory (the constructor
-/// throws; the defaults use about 48 KB).
+/// 0, the dense side. Not supported here: row statistics whose forced keys do
+/// not fit shared memory (the constructor throws; the defaults use about 48 KB).
 ///
 /// Memory and ordering: the caller owns everything; a call allocates nothing,
 /// never synchronizes, reads no device memory on the host, and is one stream-
@@ -96,8 +107,13 @@ struct sale_workspace_layout {
   std::size_t lse = 0;       ///< double [q_heads, tokens]
   std::size_t thr = 0;       ///< float [q_heads, tokens]: the keep threshold on fma(sq sk, dot, corr)
   std::size_t counts = 0;    ///< uint64 [q_heads, 2]: kept, causal blocks
+  /// uint64 [batch, q_heads, score_stride], only with a cap (0 bytes without):
+  /// order keys of the kept non-forced blocks' scores; q block qb's row starts
+  /// at the causal blocks of q blocks [0, qb) of a max_len sequence
+  std::size_t scores = 0;
   std::size_t total = 0;
   index_t group_bound = 0;   ///< scale columns per head (tokens are the row stride everywhere)
+  index_t score_stride = 0;  ///< score entries per (sequence, q head); 0 without a cap
 };
 
 /// SALE mask producer on the GPU (the file's contract). Built once per shape
@@ -111,9 +127,9 @@ class sale_mask {
   /// kernels' shared-memory limits (host calls, once, so that calls stay
   /// capturable); throws `pqkv::error` on bad dims or configs: block_q not
   /// in {16, 32, 64, 128}, block_k not a positive multiple of 16, local <
-  /// block_k, head_dim not 64/128/256, q heads not a multiple of KV heads,
-  /// max_blocks >= 0 (unsupported), shared memory too small. Calls must run
-  /// on the device that was current here.
+  /// block_k, max_blocks < -1, head_dim not 64/128/256, q heads not a
+  /// multiple of KV heads, shared memory too small. Calls must run on the
+  /// device that was current here.
   sale_mask(sale_dims const& dims, sparse_config const& cfg, quant_config const& qcfg = {})
     : dims_{dims}, cfg_{cfg}, qcfg_{qcfg}
   {
@@ -122,8 +138,6 @@ class sale_mask {
     cfg_.validate(where);
     qcfg_.validate(where);
     dims_.validate(where);
-    PQKV_EXPECTS(cfg_.max_blocks == -1, where, "max_blocks=", cfg_.max_blocks,
-                 " is not supported on the GPU (use -1, or the CPU build_mask for a cap)");
     scale_ = pqkv::detail::attention_scale(cfg_.scale, dims_.dim, where);
     PQKV_CUDA_TRY(cudaGetDevice(&device_));
     int smem_optin = 0;
@@ -139,7 +153,7 @@ class sale_mask {
     index_t const r = dims_.q_heads / dims_.kv_heads;
     hc_ = static_cast<int>(std::min<index_t>(r, k::est_rows / cfg_.block_q));
     shape_ = mask_shape_of(dims_.batch, dims_.max_len);
-    est_ = k::est_smem::make(d, bk, hc_, static_cast<int>(std::max<index_t>(shape_.words, 1)));
+    est_ = k::est_smem::make(d, bk, hc_, static_cast<int>(std::max<index_t>(shape_.words, 1)), capped());
     PQKV_EXPECTS(est_.total() <= smem_optin, where, "the estimate kernel needs ", est_.total(),
                  " bytes of shared memory; the device allows ", smem_optin);
     // The device's limit, not this object's need: objects built later with
@@ -285,18 +299,34 @@ class sale_mask {
     index_t const r = dims_.q_heads / dims_.kv_heads, chunks = (r + hc_ - 1) / hc_;
     dim3 const egrid(static_cast<unsigned>(shape_.q_blocks), static_cast<unsigned>(dims_.kv_heads * chunks),
                      static_cast<unsigned>(b));
+    kern::cap_args cap{};
+    if (capped()) {
+      cap.max_blocks = static_cast<int>(std::min<index_t>(cfg_.max_blocks, shape_.k_blocks));
+      cap.scale = scale_;
+      cap.row = rowt;
+      cap.lse = lse;
+      cap.scores = reinterpret_cast<unsigned long long*>(at(layout_.scores));
+      cap.stride = static_cast<long long>(layout_.score_stride);
+    }
     auto launch_est = [&](auto kernel) {
-      kernel<<<egrid, 256, static_cast<std::size_t>(est_.total()), stream>>>(
+      kernel<<<egrid, kern::est_threads, static_cast<std::size_t>(est_.total()), stream>>>(
           q_codes, k_codes, q_rs, k_rs, corr, thr, tau.data(), cu_seqlens.data(), cfg_, qh, kvh,
           static_cast<int>(tokens), static_cast<int>(shape_.max_len), static_cast<int>(shape_.q_blocks),
           static_cast<int>(shape_.words), hc_, est_,
-          bitmask.data_handle());
+          bitmask.data_handle(), cap);
       PQKV_CUDA_CHECK_LAST();
     };
+    auto launch_dim = [&](auto d) {
+      if (capped()) {
+        launch_est(kern::estimate_kernel<decltype(d)::value, true>);
+      } else {
+        launch_est(kern::estimate_kernel<decltype(d)::value>);
+      }
+    };
     switch (dim) {
-      case 64: launch_est(kern::estimate_kernel<64>); break;
-      case 128: launch_est(kern::estimate_kernel<128>); break;
-      default: launch_est(kern::estimate_kernel<256>); break;
+      case 64: launch_dim(std::integral_constant<int, 64>{}); break;
+      case 128: launch_dim(std::integral_constant<int, 128>{}); break;
+      default: launch_dim(std::integral_constant<int, 256>{}); break;
     }
     if (!density.empty()) {
       auto* counts = reinterpret_cast<unsigned long long*>(at(layout_.counts));
@@ -324,11 +354,20 @@ class sale_mask {
   }
 
   template <int Dim>
-  static void set_est_attr(int bytes)
+  void set_est_attr(int bytes) const
   {
-    PQKV_CUDA_TRY(cudaFuncSetAttribute(pqkv::detail::sale_gpu::estimate_kernel<Dim>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    namespace k = pqkv::detail::sale_gpu;
+    if (capped()) {
+      PQKV_CUDA_TRY(cudaFuncSetAttribute(k::estimate_kernel<Dim, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         bytes));
+    } else {
+      PQKV_CUDA_TRY(cudaFuncSetAttribute(k::estimate_kernel<Dim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         bytes));
+    }
   }
+
+  /// Whether the mask has a cap (the estimate ranks kept blocks by score).
+  [[nodiscard]] bool capped() const noexcept { return cfg_.max_blocks >= 0; }
 
   [[nodiscard]] sale_workspace_layout make_layout() const
   {
@@ -359,6 +398,13 @@ class sale_mask {
     l.lse = take(qh * tok * 8);
     l.thr = take(qh * tok * 4);
     l.counts = take(qh * 2 * 8);
+    if (capped()) {
+      l.score_stride = static_cast<index_t>(pqkv::detail::sale_gpu::score_row_offset(
+          cfg_.block_q, cfg_.block_k, shape_.max_len, shape_.q_blocks));
+      l.scores = take(b * qh * static_cast<std::size_t>(l.score_stride) * 8);
+    } else {
+      l.scores = off;
+    }
     l.total = off;
     return l;
   }

@@ -3,8 +3,9 @@
 // reference (sparse/quantize.hpp, sparse/sale_mask.hpp) on the same inputs:
 // quantized codes, scales, means, corr and row terms bit for bit; row lse to
 // 1e-12; masks equal except blocks whose reference score lies within 1e-4 of
-// log(tau) (counted, bounded); density, BSR and BlockMask conversions equal
-// the CPU's on the GPU mask; graph replay; bad inputs throw before any launch.
+// log(tau) or, with a cap, within 1e-9 of the row's cut (counted, bounded);
+// density, BSR and BlockMask conversions equal the CPU's on the GPU mask;
+// graph replay; bad inputs throw before any launch.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/host_tensor.hpp>
 #include <pqkv/sparse/quantize.cuh>
@@ -25,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <span>
 #include <string>
@@ -73,11 +75,38 @@ std::vector<U> region(pqkv::device_buffer<std::byte> const& ws, std::size_t offs
 /// Counts of one GPU-vs-CPU comparison.
 struct mask_report {
   index_t blocks = 0;       // causal blocks compared
-  index_t near_diff = 0;    // differing blocks within 1e-4 of log(tau)
+  index_t near_diff = 0;    // differing blocks within 1e-4 of log(tau) (or 1e-9 of a cap's cut)
   index_t far_diff = 0;     // differing blocks outside that band (must be 0)
   index_t kept_est = 0;     // estimated (non-forced) blocks kept by the CPU
   index_t dropped_est = 0;  // estimated blocks dropped by the CPU
+  index_t capped_rows = 0;  // rows where more blocks than max_blocks pass the CPU's keep test
 };
+
+/// The reference's candidates of one row (non-forced causal blocks whose
+/// score passes log(tau)) and the cap's cut: the max_blocks-th highest
+/// candidate score, or -inf when the cap does not bind (or there is none).
+struct cap_cut {
+  index_t candidates = 0;
+  double cut = -std::numeric_limits<double>::infinity();
+};
+
+cap_cut cut_of(pqkv::sparse_config const& cfg, index_t n, index_t qb, float tau, std::vector<double> const& scores)
+{
+  cap_cut c;
+  std::vector<double> pass;
+  double const log_tau = std::log(static_cast<double>(tau));
+  for (index_t kb = 0; kb < pqkv::causal_blocks(cfg, n, qb); ++kb) {
+    if (!pqkv::forced_block(cfg, n, qb, kb) && scores[static_cast<std::size_t>(kb)] >= log_tau) {
+      pass.push_back(scores[static_cast<std::size_t>(kb)]);
+    }
+  }
+  c.candidates = static_cast<index_t>(pass.size());
+  if (cfg.max_blocks > 0 && c.candidates > cfg.max_blocks) {
+    std::sort(pass.begin(), pass.end(), std::greater<>{});
+    c.cut = pass[static_cast<std::size_t>(cfg.max_blocks) - 1];
+  }
+  return c;
+}
 
 /// Runs the GPU mask on b (converted to T) and compares everything with the
 /// CPU reference; returns the mask counts (the caller bounds near_diff).
@@ -180,6 +209,7 @@ mask_report check_case(pqkv::test::batch_data const& b, pqkv::sparse_config cons
   // Masks: equal except near the threshold, judged with the CPU's scores.
   auto const bits = download(dbits, words);
   mask_report rep;
+  bool const capped = cfg.max_blocks >= 0;
   std::vector<double> scores(static_cast<std::size_t>(m.k_blocks));
   for (index_t s = 0; s < m.batch; ++s) {
     index_t const n = b.cu[static_cast<std::size_t>(s) + 1] - b.cu[static_cast<std::size_t>(s)];
@@ -188,7 +218,15 @@ mask_report check_case(pqkv::test::batch_data const& b, pqkv::sparse_config cons
         std::size_t const w0 = static_cast<std::size_t>(((s * m.q_heads + h) * m.q_blocks + qb) * m.words);
         index_t const nk = pqkv::causal_blocks(cfg, n, qb);
         float const t = tau[static_cast<std::size_t>(h)];
-        bool scored = false;  // the reference's scores, computed only for a row that differs
+        // The reference's scores: computed for a row that differs, or for every sparse row under a cap.
+        bool scored = false;
+        cap_cut cut;
+        if (capped && t != 0.f && nk > 0) {
+          est.block_scores(s, h, qb, scores);
+          scored = true;
+          cut = cut_of(cfg, n, qb, t, scores);
+          rep.capped_rows += cut.candidates > cfg.max_blocks ? 1 : 0;
+        }
         for (index_t kb = 0; kb < m.words * 32; ++kb) {
           bool const g = ((bits[w0 + static_cast<std::size_t>(kb / 32)] >> (kb % 32)) & 1u) != 0;
           bool const c = kb < m.k_blocks && pqkv::cpu::mask_bit(ref_bits.const_view(), s, h, qb, kb);
@@ -209,13 +247,16 @@ mask_report check_case(pqkv::test::batch_data const& b, pqkv::sparse_config cons
           }
           double const margin = estimated ? scores[static_cast<std::size_t>(kb)] - std::log(static_cast<double>(t))
                                           : inf;
-          if (std::abs(margin) <= 1e-4) {
+          bool const at_cut = estimated && std::isfinite(cut.cut) &&
+                              std::abs(scores[static_cast<std::size_t>(kb)] - cut.cut) <=
+                                  1e-9 * std::max(1.0, std::abs(cut.cut));
+          if (std::abs(margin) <= 1e-4 || at_cut) {
             ++rep.near_diff;
           } else {
             ++rep.far_diff;
             if (rep.far_diff <= 5) {
               FAIL_CHECK("mask differs: s=", s, " h=", h, " qb=", qb, " kb=", kb, " gpu=", g, " cpu=", c,
-                         " margin=", margin);
+                         " margin=", margin, " cap=", cfg.max_blocks, " cut=", cut.cut);
             }
           }
         }
@@ -265,7 +306,8 @@ mask_report check_case(pqkv::test::batch_data const& b, pqkv::sparse_config cons
     CHECK(download(didx2, idx.size()) == idx.storage());
   }
   MESSAGE(name, ": blocks=", rep.blocks, " estimated kept=", rep.kept_est, " dropped=", rep.dropped_est,
-          " near-threshold differences=", rep.near_diff);
+          " near-threshold differences=", rep.near_diff, " max_blocks=", cfg.max_blocks,
+          " rows at the cap=", rep.capped_rows);
   return rep;
 }
 
@@ -416,6 +458,112 @@ TEST_CASE("gpu::sale_mask equals the CPU reference: small shapes")
   }
 }
 
+TEST_CASE("gpu::sale_mask with max_blocks equals the CPU reference: caps 0, 1, 3 and above every row")
+{
+  PQKV_REQUIRE_GPU();
+  // Score rows: the closed form equals the sum of causal blocks (Bk dividing Bq, Bq dividing Bk, neither).
+  for (index_t bq : {16, 32, 64, 128}) {
+    for (index_t bk : {16, 32, 48, 80, 256}) {
+      for (index_t len : {1, 15, 16, 100, 1000, 4097}) {
+        pqkv::sparse_config c;
+        c.block_q = bq;
+        c.block_k = bk;
+        long long brute = 0;
+        for (index_t qb = 0; qb <= (len + bq - 1) / bq; ++qb) {
+          CHECK_MESSAGE(pqkv::detail::sale_gpu::score_row_offset(bq, bk, len, qb) == brute, "Bq=", bq, " Bk=", bk,
+                        " max_len=", len, " qb=", qb);
+          brute += pqkv::causal_blocks(c, len, qb);
+        }
+      }
+    }
+  }
+  auto big_cap = [](pqkv::sparse_config const& c, std::vector<std::int32_t> const& cu) {
+    index_t len = 0;
+    for (std::size_t s = 1; s < cu.size(); ++s) { len = std::max<index_t>(len, cu[s] - cu[s - 1]); }
+    return (len + c.block_k - 1) / c.block_k + 1;  // more than any row's causal blocks
+  };
+  // Each input at caps 0, 1, 3 (binding somewhere) and one above every row's count (the uncapped mask).
+  auto run_caps = [&](auto tag, pqkv::test::batch_data const& b, pqkv::sparse_config cfg,
+                      pqkv::quant_config const& qcfg, std::vector<float> const& t, char const* name, bool binds) {
+    using T = decltype(tag);
+    for (index_t cap : {index_t{0}, index_t{1}, index_t{3}, big_cap(cfg, b.cu)}) {
+      cfg.max_blocks = cap;
+      auto const r = check_case<T>(b, cfg, qcfg, t, name);
+      CHECK(r.near_diff <= 2);
+      if (cap == 0) { CHECK(r.kept_est == 0); }
+      if (cap == big_cap(cfg, b.cu)) {
+        CHECK(r.capped_rows == 0);
+      } else if (binds) {
+        CHECK(r.capped_rows > 0);
+      }
+    }
+  };
+  SUBCASE("float, d=64, GQA 4:1, ragged batch, per-head tau with a dense head and a forced-only head")
+  {
+    auto const b = pqkv::test::make_batch(8, 2, 64, {0, 517, 517, 1200}, 11);
+    auto t = taus(8, 0.01f);
+    t[1] = 0.f;  // dense: no cap
+    t[2] = inf;  // forced blocks only
+    run_caps(float{}, b, pqkv::sparse_config{}, {}, t, "cap f32 d64", true);
+  }
+  SUBCASE("bf16, d=128, GQA 8:1, int8 grid, groups of 16")
+  {
+    auto const b = pqkv::test::make_batch(8, 1, 128, {0, 999}, 12);
+    auto t = taus(8, 0.005f);
+    t[5] = 0.f;
+    run_caps(__nv_bfloat16{}, b, pqkv::sparse_config{}, pqkv::quant_config{pqkv::quant_grid::int8, 16}, t,
+             "cap bf16 d128", true);
+  }
+  SUBCASE("half, d=256, Bq=128, Bk=48 (score rows of neither dividing the other), ragged")
+  {
+    auto const b = pqkv::test::make_batch(4, 2, 256, {0, 700, 1500}, 13);
+    pqkv::sparse_config cfg;
+    cfg.block_q = 128;
+    cfg.block_k = 48;
+    cfg.local = 96;
+    auto t = taus(4, 1e-4f);  // low enough that rows hold more than 3 candidates
+    t[3] = 0.f;
+    run_caps(__half{}, b, cfg, pqkv::quant_config{pqkv::quant_grid::int4, 32}, t, "cap f16 d256", true);
+  }
+  SUBCASE("float, Bq=32, Bk=16, sink 0, local 16: rows with no forced key score +inf (ties to the lower block)")
+  {
+    auto const b = pqkv::test::make_batch(2, 2, 64, {0, 300}, 14);
+    pqkv::sparse_config cfg;
+    cfg.block_q = 32;
+    cfg.block_k = 16;
+    cfg.sink = 0;
+    cfg.local = 16;
+    run_caps(float{}, b, cfg, {}, taus(2, 2.f), "cap local<Bq", true);
+  }
+  SUBCASE("Bq=16: one token, n < sink + local, tiny sequences")
+  {
+    auto const b = pqkv::test::make_batch(4, 4, 64, {0, 1, 100, 130, 131}, 15);
+    pqkv::sparse_config cfg;
+    cfg.block_q = 16;
+    cfg.block_k = 16;
+    cfg.local = 32;
+    run_caps(float{}, b, cfg, {}, taus(4, 0.002f), "cap tiny", false);
+  }
+  SUBCASE("the score workspace exists only with a cap")
+  {
+    pqkv::gpu::sale_dims const dims{2, 1500, 4, 2, 256, 800};
+    pqkv::sparse_config cfg;
+    cfg.block_q = 128;
+    cfg.block_k = 48;
+    cfg.local = 96;
+    pqkv::gpu::sale_mask<__half> const free_op{dims, cfg};
+    cfg.max_blocks = 4;
+    pqkv::gpu::sale_mask<__half> const cap_op{dims, cfg};
+    auto const m = cap_op.shape();
+    index_t causal = 0;
+    for (index_t qb = 0; qb < m.q_blocks; ++qb) { causal += pqkv::causal_blocks(cfg, m.max_len, qb); }
+    CHECK(free_op.workspace_layout().score_stride == 0);
+    CHECK(cap_op.workspace_layout().score_stride == causal);
+    CHECK(cap_op.workspace_bytes() >= free_op.workspace_bytes() + static_cast<std::size_t>(2 * 4 * causal * 8));
+    CHECK(cap_op.workspace_layout().scores % 256 == 0);
+  }
+}
+
 TEST_CASE("gpu::sale_mask keeps a planted needle")
 {
   PQKV_REQUIRE_GPU();
@@ -448,7 +596,9 @@ TEST_CASE("gpu::sale_mask: CUDA graph replay gives the same mask")
   auto const b = pqkv::test::make_batch(4, 1, 64, {0, 400, 777}, 31);
   auto const qh = convert<__nv_bfloat16>(b.q);
   auto const kh = convert<__nv_bfloat16>(b.k);
-  pqkv::sparse_config const cfg;
+  pqkv::sparse_config cfg;
+  SUBCASE("no cap") {}
+  SUBCASE("max_blocks = 2") { cfg.max_blocks = 2; }
   pqkv::gpu::sale_dims const dims{2, 777, 4, 1, 64, 400};
   pqkv::gpu::sale_mask<__nv_bfloat16> const op{dims, cfg};
   auto const m = op.shape();
@@ -470,6 +620,8 @@ TEST_CASE("gpu::sale_mask: CUDA graph replay gives the same mask")
   };
   call(once);
   PQKV_CUDA_TRY(cudaMemsetAsync(replay.data(), 0xCD, words * 4, stream));
+  // a poisoned workspace: a call reads only what it wrote (the cap's scores included)
+  PQKV_CUDA_TRY(cudaMemsetAsync(ws.data(), 0xEE, ws.size(), stream));
   pqkv::test::captured_graph const graph(stream, [&] { call(replay); });
   graph.launch(stream);
   graph.launch(stream);
@@ -495,7 +647,7 @@ TEST_CASE("gpu::sale_mask: bad inputs throw before any launch")
   CHECK(ctor(dims, with([](auto& c) { c.block_q = 48; })).find("block_q=48") != std::string::npos);
   CHECK(ctor(dims, with([](auto& c) { c.block_k = 24; })).find("block_k=24") != std::string::npos);
   CHECK(ctor(dims, with([](auto& c) { c.local = 16; })).find("local=16") != std::string::npos);
-  CHECK(ctor(dims, with([](auto& c) { c.max_blocks = 3; })).find("max_blocks=3") != std::string::npos);
+  CHECK(ctor(dims, with([](auto& c) { c.max_blocks = -2; })).find("max_blocks=-2") != std::string::npos);
   auto d2 = dims;
   d2.dim = 96;
   CHECK(ctor(d2, ok).find("head_dim=96") != std::string::npos);
