@@ -318,6 +318,17 @@ std::vector<float> taus(index_t heads, float base)
   return t;
 }
 
+/// A mask configuration with the given block sizes and window (the default sink unless given).
+pqkv::sparse_config blocks(index_t block_q, index_t block_k, index_t local, index_t sink = -1)
+{
+  pqkv::sparse_config cfg;
+  cfg.block_q = block_q;
+  cfg.block_k = block_k;
+  cfg.local = local;
+  if (sink >= 0) { cfg.sink = sink; }
+  return cfg;
+}
+
 }  // namespace
 
 TEST_CASE("gpu::center_quantize equals cpu::center_quantize bit for bit")
@@ -427,10 +438,7 @@ TEST_CASE("gpu::sale_mask equals the CPU reference: small shapes")
   SUBCASE("half, d=256, Bq=128, Bk=48, local 96, groups of 32")
   {
     auto const b = pqkv::test::make_batch(4, 2, 256, {0, 700, 1500}, 13);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 128;
-    cfg.block_k = 48;
-    cfg.local = 96;
+    auto const cfg = blocks(128, 48, 96);
     pqkv::quant_config const qcfg{pqkv::quant_grid::int4, 32};
     auto const r = check_case<__half>(b, cfg, qcfg, taus(4, 0.02f), "f16 d256");
     CHECK(r.near_diff <= 2);
@@ -438,21 +446,14 @@ TEST_CASE("gpu::sale_mask equals the CPU reference: small shapes")
   SUBCASE("float, Bq=32, Bk=16, sink 0, local 16 < Bq: rows with no forced key, causal masking inside blocks")
   {
     auto const b = pqkv::test::make_batch(2, 2, 64, {0, 300}, 14);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 32;
-    cfg.block_k = 16;
-    cfg.sink = 0;
-    cfg.local = 16;
+    auto const cfg = blocks(32, 16, 16, 0);
     auto const r = check_case<float>(b, cfg, {}, taus(2, 2.f), "local<Bq");
     CHECK(r.near_diff <= 2);
   }
   SUBCASE("Bq=16: one token, n < sink + local, tiny sequences")
   {
     auto const b = pqkv::test::make_batch(4, 4, 64, {0, 1, 100, 130, 131}, 15);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 16;
-    cfg.block_k = 16;
-    cfg.local = 32;
+    auto const cfg = blocks(16, 16, 32);
     auto const r = check_case<float>(b, cfg, {}, taus(4, 0.02f), "tiny");
     CHECK(r.near_diff <= 1);
   }
@@ -517,10 +518,7 @@ TEST_CASE("gpu::sale_mask with max_blocks equals the CPU reference: caps 0, 1, 3
   SUBCASE("half, d=256, Bq=128, Bk=48 (score rows of neither dividing the other), ragged")
   {
     auto const b = pqkv::test::make_batch(4, 2, 256, {0, 700, 1500}, 13);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 128;
-    cfg.block_k = 48;
-    cfg.local = 96;
+    auto const cfg = blocks(128, 48, 96);
     auto t = taus(4, 1e-4f);  // low enough that rows hold more than 3 candidates
     t[3] = 0.f;
     run_caps(__half{}, b, cfg, pqkv::quant_config{pqkv::quant_grid::int4, 32}, t, "cap f16 d256", true);
@@ -528,29 +526,19 @@ TEST_CASE("gpu::sale_mask with max_blocks equals the CPU reference: caps 0, 1, 3
   SUBCASE("float, Bq=32, Bk=16, sink 0, local 16: rows with no forced key score +inf (ties to the lower block)")
   {
     auto const b = pqkv::test::make_batch(2, 2, 64, {0, 300}, 14);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 32;
-    cfg.block_k = 16;
-    cfg.sink = 0;
-    cfg.local = 16;
+    auto const cfg = blocks(32, 16, 16, 0);
     run_caps(float{}, b, cfg, {}, taus(2, 2.f), "cap local<Bq", true);
   }
   SUBCASE("Bq=16: one token, n < sink + local, tiny sequences")
   {
     auto const b = pqkv::test::make_batch(4, 4, 64, {0, 1, 100, 130, 131}, 15);
-    pqkv::sparse_config cfg;
-    cfg.block_q = 16;
-    cfg.block_k = 16;
-    cfg.local = 32;
+    auto const cfg = blocks(16, 16, 32);
     run_caps(float{}, b, cfg, {}, taus(4, 0.002f), "cap tiny", false);
   }
   SUBCASE("the score workspace exists only with a cap")
   {
     pqkv::gpu::sale_dims const dims{2, 1500, 4, 2, 256, 800};
-    pqkv::sparse_config cfg;
-    cfg.block_q = 128;
-    cfg.block_k = 48;
-    cfg.local = 96;
+    auto cfg = blocks(128, 48, 96);
     pqkv::gpu::sale_mask<__half> const free_op{dims, cfg};
     cfg.max_blocks = 4;
     pqkv::gpu::sale_mask<__half> const cap_op{dims, cfg};
