@@ -498,16 +498,14 @@ class device_run {
                                     rows() * 4 * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, s));
       mark(l, 4, s);
     };
-    st.fetch = [this, &p, mark, H, B, K](index_t li, cudaStream_t s) {
+    st.fetch = [this, &p, mark, H, B](index_t li, cudaStream_t s) {
       int const l = static_cast<int>(li);
       mark(l, 5, s);
-      auto const last = p.table->last();
       std::size_t const hot = static_cast<std::size_t>(l) * rows() * static_cast<std::size_t>(p.slots) * d;
-      pqkv::gpu::gather(store_->ref(), li, pqkv::make_view(last.ins_key, B, H, K), pqkv::make_view(last.ins_slot, B, H, K),
-                        std::span<std::int32_t const>(last.ins_count, rows()),
-                        pqkv::make_view(p.hot_k.data() + hot, B, H, static_cast<index_t>(p.slots), index_t{d}),
-                        pqkv::make_view(p.hot_v.data() + hot, B, H, static_cast<index_t>(p.slots), index_t{d}),
-                        p.rejected.data(), s);
+      p.table->fetch_inserted(store_->ref(),
+                              pqkv::make_view(p.hot_k.data() + hot, B, H, static_cast<index_t>(p.slots), index_t{d}),
+                              pqkv::make_view(p.hot_v.data() + hot, B, H, static_cast<index_t>(p.slots), index_t{d}),
+                              p.rejected.data(), s);
       mark(l, 6, s);
     };
     st.attend_fetched = [this, &p, mark](index_t li, cudaStream_t s) {

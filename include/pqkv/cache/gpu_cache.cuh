@@ -214,23 +214,8 @@ class slot_table {
     constexpr char const* where = "gpu::slot_table.step";
     pqkv::detail::gpu_check::expect_current_device(device_, where);
     auto a = args(layer, keys, newest, slots, where);
+    check_fetch(store, layer, hot_k, hot_v, where);
     auto const& s = store.shape;
-    PQKV_EXPECTS(store.keys != nullptr && store.values != nullptr && store.committed != nullptr, where,
-                 "store is an empty kv_store_ref");
-    PQKV_EXPECTS(layer < s.layers, where, "layer=", layer, " is outside the store's layers=", s.layers);
-    PQKV_EXPECTS(s.sequences >= shape_.batch && s.kv_heads == shape_.kv_heads, where, "store (sequences=",
-                 s.sequences, ", kv_heads=", s.kv_heads, ") does not cover (batch=", shape_.batch, ", kv_heads=",
-                 shape_.kv_heads, ")");
-    PQKV_EXPECTS(s.capacity >= shape_.key_bound, where, "store capacity=", s.capacity, " < key_bound=",
-                 shape_.key_bound);
-    for (auto const* hot : {&hot_k, &hot_v}) {
-      PQKV_EXPECTS(hot->extent(0) == shape_.batch && hot->extent(1) == shape_.kv_heads &&
-                     hot->extent(2) == static_cast<index_t>(shape_.capacity) && hot->extent(3) == s.head_dim,
-                   where, "hot buffer extents (", hot->extent(0), ", ", hot->extent(1), ", ", hot->extent(2), ", ",
-                   hot->extent(3), ") differ from (batch, kv_heads, capacity, head_dim)=(", shape_.batch, ", ",
-                   shape_.kv_heads, ", ", shape_.capacity, ", ", s.head_dim, ")");
-      PQKV_EXPECTS(hot->data_handle() != nullptr, where, "hot buffer data_handle() is null");
-    }
     bool const want_ptrs = pointers.keys.data_handle() != nullptr || pointers.values.data_handle() != nullptr;
     if (want_ptrs) {
       for (auto const* p : {&pointers.keys, &pointers.values}) {
@@ -252,12 +237,28 @@ class slot_table {
     }
     index_t const n = keys.extent(2);
     if (n == 0) { return; }
-    int const rows = static_cast<int>(shape_.batch * shape_.kv_heads);
-    pqkv::detail::cache_gpu::launch_table_step(a, policy_, rows, stream);
-    gather(store, layer, make_view(static_cast<std::int32_t const*>(ins_key_.data()), shape_.batch, shape_.kv_heads, n),
-           make_view(static_cast<std::int32_t const*>(ins_slot_.data()), shape_.batch, shape_.kv_heads, n),
-           std::span<std::int32_t const>(ins_count_.data(), static_cast<std::size_t>(rows)), hot_k, hot_v, rejected,
-           stream);
+    pqkv::detail::cache_gpu::launch_table_step(a, policy_, static_cast<int>(shape_.batch * shape_.kv_heads), stream);
+    gather_inserted(store, hot_k, hot_v, rejected, stream);
+  }
+
+  /// The gather half of `step`: copies the rows the latest `access` (or
+  /// `step`) inserted from the store's layer of that call into the hot
+  /// buffers, on `stream`. The stream may differ from the call's (order the
+  /// two with an event), so that the fetch overlaps work that needs only the
+  /// hits; it must run before the table's next call, which overwrites the
+  /// inserts.
+  /// @param hot_k    [batch, kv_heads, capacity, head_dim] device, the layer's hot K rows
+  /// @param rejected device counter for inserted keys not committed in the store, or null
+  template <class T>
+  void fetch_inserted(kv_store_ref<T> const& store, view<T, 4> hot_k, view<T, 4> hot_v, std::int32_t* rejected,
+                      cudaStream_t stream)
+  {
+    constexpr char const* where = "gpu::slot_table.fetch_inserted";
+    pqkv::detail::gpu_check::expect_current_device(device_, where);
+    PQKV_EXPECTS(last_layer_ >= 0, where, "no access or step call precedes it");
+    check_fetch(store, last_layer_, hot_k, hot_v, where);
+    if (last_n_ == 0) { return; }
+    gather_inserted(store, hot_k, hot_v, rejected, stream);
   }
 
   /// Empties every layer (preemption, a new batch), on `stream`.
@@ -334,7 +335,45 @@ class slot_table {
     a.slots = slots.data_handle();
     a.n = static_cast<int>(keys.extent(2));
     last_n_ = keys.extent(2);
+    last_layer_ = layer;
     return a;
+  }
+
+  /// Throws unless the store covers the table's rows and keys at `layer`
+  /// and the hot buffers are the table's.
+  template <class T>
+  void check_fetch(kv_store_ref<T> const& store, index_t layer, view<T, 4> const& hot_k, view<T, 4> const& hot_v,
+                   char const* where) const
+  {
+    auto const& s = store.shape;
+    PQKV_EXPECTS(store.keys != nullptr && store.values != nullptr && store.committed != nullptr, where,
+                 "store is an empty kv_store_ref");
+    PQKV_EXPECTS(layer < s.layers, where, "layer=", layer, " is outside the store's layers=", s.layers);
+    PQKV_EXPECTS(s.sequences >= shape_.batch && s.kv_heads == shape_.kv_heads, where, "store (sequences=",
+                 s.sequences, ", kv_heads=", s.kv_heads, ") does not cover (batch=", shape_.batch, ", kv_heads=",
+                 shape_.kv_heads, ")");
+    PQKV_EXPECTS(s.capacity >= shape_.key_bound, where, "store capacity=", s.capacity, " < key_bound=",
+                 shape_.key_bound);
+    for (auto const* hot : {&hot_k, &hot_v}) {
+      PQKV_EXPECTS(hot->extent(0) == shape_.batch && hot->extent(1) == shape_.kv_heads &&
+                     hot->extent(2) == static_cast<index_t>(shape_.capacity) && hot->extent(3) == s.head_dim,
+                   where, "hot buffer extents (", hot->extent(0), ", ", hot->extent(1), ", ", hot->extent(2), ", ",
+                   hot->extent(3), ") differ from (batch, kv_heads, capacity, head_dim)=(", shape_.batch, ", ",
+                   shape_.kv_heads, ", ", shape_.capacity, ", ", s.head_dim, ")");
+      PQKV_EXPECTS(hot->data_handle() != nullptr, where, "hot buffer data_handle() is null");
+    }
+  }
+
+  /// Gathers the latest call's inserted rows (its layer, its n) from the store.
+  template <class T>
+  void gather_inserted(kv_store_ref<T> const& store, view<T, 4> hot_k, view<T, 4> hot_v, std::int32_t* rejected,
+                       cudaStream_t stream)
+  {
+    auto const rows = static_cast<std::size_t>(shape_.batch * shape_.kv_heads);
+    gather(store, last_layer_,
+           make_view(static_cast<std::int32_t const*>(ins_key_.data()), shape_.batch, shape_.kv_heads, last_n_),
+           make_view(static_cast<std::int32_t const*>(ins_slot_.data()), shape_.batch, shape_.kv_heads, last_n_),
+           std::span<std::int32_t const>(ins_count_.data(), rows), hot_k, hot_v, rejected, stream);
   }
 
   slot_table_shape shape_;
@@ -356,6 +395,7 @@ class slot_table {
   device_buffer<unsigned long long> key_cache_;  // [rows, managed] eviction keys, when they exceed shared memory
   int smem_key_slots_ = 0;                   // eviction keys the step keeps in shared memory on this device
   index_t last_n_ = 0;
+  index_t last_layer_ = -1;  // the layer of the latest access or step
 };
 
 /// Device pointers to what the latest `block_lfu_cache::step` decided, per sequence.

@@ -309,13 +309,32 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
   pqkv::device_buffer<T> hot_k(static_cast<std::size_t>(batch * heads * capacity * d)), hot_v(hot_k.size());
   PQKV_CUDA_TRY(cudaMemset(rejected.data(), 0, sizeof(std::int32_t)));
   auto const ref = store.ref();
+  bool split = false;
+  SUBCASE("step, with row pointers") {}
+  SUBCASE("access, then fetch_inserted on a second stream") { split = true; }
+  cudaStream_t side = nullptr;
+  cudaEvent_t looked_up = nullptr, fetched = nullptr;
+  PQKV_CUDA_TRY(cudaStreamCreate(&side));
+  PQKV_CUDA_TRY(cudaEventCreateWithFlags(&looked_up, cudaEventDisableTiming));
+  PQKV_CUDA_TRY(cudaEventCreateWithFlags(&fetched, cudaEventDisableTiming));
+  auto const keys_view = pqkv::make_view(static_cast<std::int32_t const*>(d_keys.data()), batch, heads, n);
+  auto const hot_k_view = pqkv::make_view(hot_k.data(), batch, heads, static_cast<index_t>(capacity), d);
+  auto const hot_v_view = pqkv::make_view(hot_v.data(), batch, heads, static_cast<index_t>(capacity), d);
   auto call = [&] {
-    table.step(0, pqkv::make_view(static_cast<std::int32_t const*>(d_keys.data()), batch, heads, n), {}, ref,
-               pqkv::make_view(hot_k.data(), batch, heads, static_cast<index_t>(capacity), d),
-               pqkv::make_view(hot_v.data(), batch, heads, static_cast<index_t>(capacity), d),
-               pqkv::make_view(d_slots.data(), batch, heads, n), rejected.data(), stream,
-               pqkv::gpu::row_pointers<T>{pqkv::make_view(k_ptr.data(), batch, heads, n),
-                                          pqkv::make_view(v_ptr.data(), batch, heads, n)});
+    if (!split) {
+      table.step(0, keys_view, {}, ref, hot_k_view, hot_v_view, pqkv::make_view(d_slots.data(), batch, heads, n),
+                 rejected.data(), stream,
+                 pqkv::gpu::row_pointers<T>{pqkv::make_view(k_ptr.data(), batch, heads, n),
+                                            pqkv::make_view(v_ptr.data(), batch, heads, n)});
+      return;
+    }
+    // The lookup on the main stream, the fetch forked onto a side stream and joined back.
+    table.access(0, keys_view, {}, pqkv::make_view(d_slots.data(), batch, heads, n), stream);
+    PQKV_CUDA_TRY(cudaEventRecord(looked_up, stream));
+    PQKV_CUDA_TRY(cudaStreamWaitEvent(side, looked_up));
+    table.fetch_inserted(ref, hot_k_view, hot_v_view, rejected.data(), side);
+    PQKV_CUDA_TRY(cudaEventRecord(fetched, side));
+    PQKV_CUDA_TRY(cudaStreamWaitEvent(stream, fetched));
   };
   // Capture one step; replay it with new keys written into device memory.
   pqkv::test::captured_graph const graph(stream, call);
@@ -344,13 +363,13 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
         std::int32_t const key = row_keys[static_cast<std::size_t>(j)];
         bad_slots += slots[at] != m.slots[static_cast<std::size_t>(j)];
         if (key < 0) {
-          bad_ptrs += kp[at] != nullptr || vp[at] != nullptr;
+          bad_ptrs += !split && (kp[at] != nullptr || vp[at] != nullptr);
           continue;
         }
         std::int32_t const slot = slots[at];
         T const* want_k = hot_k.data() + (r * capacity + slot) * d;
         T const* want_v = hot_v.data() + (r * capacity + slot) * d;
-        bad_ptrs += kp[at] != want_k || vp[at] != want_v;
+        bad_ptrs += !split && (kp[at] != want_k || vp[at] != want_v);
         // The hot row holds the store row of its key, bit for bit (K and V are the same data here).
         T const* stored = store.host_keys() + ((b * heads + h) * 128 + key) * d;
         bad_rows += std::memcmp(hk.data() + (r * capacity + slot) * d, stored, static_cast<std::size_t>(d) * sizeof(T)) != 0;
@@ -365,6 +384,9 @@ TEST_CASE("gpu::slot_table: step copies inserted rows from the store, writes row
   CHECK(bad_ptrs == 0);
   CHECK(rej == 0);
   CHECK(copied > 0);
+  PQKV_CUDA_TRY(cudaEventDestroy(looked_up));
+  PQKV_CUDA_TRY(cudaEventDestroy(fetched));
+  PQKV_CUDA_TRY(cudaStreamDestroy(side));
   PQKV_CUDA_TRY(cudaStreamDestroy(stream));
 }
 
@@ -376,6 +398,9 @@ TEST_CASE("gpu::slot_table: host misuse throws before any launch")
                   pqkv::error);
   pqkv::gpu::slot_table<> t{{.layers = 1, .batch = 1, .kv_heads = 2, .capacity = 8, .key_bound = 10, .max_keys = 4}};
   pqkv::device_buffer<std::int32_t> k(16), s(16);
+  CHECK_THROWS_WITH_AS(t.fetch_inserted(pqkv::gpu::kv_store_ref<float>{}, pqkv::view<float, 4>{},
+                                        pqkv::view<float, 4>{}, nullptr, nullptr),
+                       doctest::Contains("no access or step call precedes it"), pqkv::error);
   auto keys = pqkv::make_view(static_cast<std::int32_t const*>(k.data()), 1, 2, 4);
   auto slots = pqkv::make_view(s.data(), 1, 2, 4);
   CHECK_THROWS_AS(t.access(1, keys, {}, slots, nullptr), pqkv::error);  // layer
