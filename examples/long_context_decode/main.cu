@@ -385,14 +385,14 @@ class device_run {
                                                            {n_ * d, train_stride() * d, index_t{1}}),
                     pqkv::make_view(centroids(l), H, m, ks, dsub), ws.span(), s);
       times_->record(l, 5, s);
+      // One call per sequence: its heads' keys into the first n rows of its
+      // code buffer (sized for the whole context).
       for (int b = 0; b < batch_; ++b) {
-        for (int g = 0; g < heads_; ++g) {
-          std::size_t const row = static_cast<std::size_t>(b) * heads_ + g;
-          encoder.encode(
-            pqkv::make_view(static_cast<bf16 const*>(stage_k[l % 2].data() + row * static_cast<std::size_t>(n_) * d), 1, n_, d),
-            pqkv::make_view(static_cast<float const*>(centroids(l) + static_cast<std::size_t>(g) * (centroid_elems() / heads_)), 1, m, ks, dsub),
-            pqkv::make_view(codes(l) + row * static_cast<std::size_t>(cap_) * o_.m, 1, n_, m), s);
-        }
+        std::size_t const row = static_cast<std::size_t>(b) * heads_;
+        encoder.encode(
+          pqkv::make_view(static_cast<bf16 const*>(stage_k[l % 2].data() + row * static_cast<std::size_t>(n_) * d), H, n_, d),
+          pqkv::make_view(static_cast<float const*>(centroids(l)), H, m, ks, dsub),
+          pqkv::make_view(codes(l) + row * static_cast<std::size_t>(cap_) * o_.m, H, cap_, m), s);
       }
       times_->record(l, 6, s);
     };

@@ -141,18 +141,20 @@ class pq_encoder {
   [[nodiscard]] static constexpr std::size_t workspace_bytes() noexcept { return 0; }
 
   /// codes [heads, tokens, m] for keys [heads, tokens, dim] (float, half or
-  /// bf16; any strides), all in device memory. Throws `pqkv::error` before
+  /// bf16; any strides), all in device memory. The codes may hold more rows
+  /// than the keys (a buffer sized for the whole context): the first `tokens`
+  /// rows of each head are written, the others left as they are. Throws `pqkv::error` before
   /// any launch on a shape mismatch or a null / host pointer.
   template <class Key, class Layout, class Accessor>
     requires KvElement<std::remove_const_t<Key>>
   void encode(::cuda::std::mdspan<Key, extents<3>, Layout, Accessor> keys,  // [heads, tokens, dim], device
               centroids_view<float const> centroids,                        // [heads, m, ksub, dsub], device
-              codes_view<std::uint8_t> codes,                               // [heads, tokens, m], device
+              codes_view<std::uint8_t> codes,                               // [heads, >= tokens, m], device
               cudaStream_t stream) const
   {
     kv_view<std::remove_const_t<Key> const> const k{keys};
-    PQKV_EXPECTS(codes.extent(1) == k.extent(1), "gpu::pq_encoder.encode", "codes.extent(1)=", codes.extent(1),
-                 ", keys.extent(1)=", k.extent(1));
+    PQKV_EXPECTS(codes.extent(1) >= k.extent(1), "gpu::pq_encoder.encode", "codes.extent(1)=", codes.extent(1),
+                 " < keys.extent(1)=", k.extent(1));
     run(k, centroids, codes, 0, nullptr, stream, "gpu::pq_encoder.encode");
   }
 

@@ -162,7 +162,9 @@ class pq_encoder {
   [[nodiscard]] pq_config const& config() const noexcept { return config_; }
 
   /// codes [heads, tokens, m] for keys [heads, tokens, dim] (float, half or
-  /// bf16; any strides). Throws `pqkv::error` on a shape mismatch, a null view,
+  /// bf16; any strides). The codes may hold more rows than the keys (a
+  /// buffer sized for the whole context): the first `tokens` rows of each
+  /// head are written, the others left as they are. Throws `pqkv::error` on a shape mismatch, a null view,
   /// or a key or centroid that is not finite; nothing is written then.
   template <class Key, class Layout, class Accessor>
     requires KvElement<std::remove_const_t<Key>>
@@ -171,8 +173,8 @@ class pq_encoder {
               codes_view<std::uint8_t> codes) const                         // [heads, tokens, m]
   {
     kv_view<std::remove_const_t<Key> const> const k{keys};
-    PQKV_EXPECTS(codes.extent(1) == k.extent(1), "pq_encoder.encode", "codes.extent(1)=", codes.extent(1),
-                 ", keys.extent(1)=", k.extent(1));
+    PQKV_EXPECTS(codes.extent(1) >= k.extent(1), "pq_encoder.encode", "codes.extent(1)=", codes.extent(1),
+                 " < keys.extent(1)=", k.extent(1));
     run(k, centroids, codes, 0, "pq_encoder.encode");
   }
 

@@ -154,7 +154,7 @@ TEST_CASE("encode: duplicate centroids tie to the lower index across lanes and b
   }
 }
 
-TEST_CASE("encode: append token by token equals one encode; other rows untouched")
+TEST_CASE("encode: append token by token, or encode into a longer buffer, equals one encode; other rows untouched")
 {
   pqkv::pq_config const cfg{.dim = 16, .m = 4, .nbits = 5};
   index_t const heads = 2, tokens = 150;
@@ -175,11 +175,15 @@ TEST_CASE("encode: append token by token equals one encode; other rows untouched
   enc.append(range(0, 100), cents.const_view(), grown.view(), 0);  // the prefill
   for (index_t t = 100; t < 120; ++t) { enc.append(range(t, 1), cents.const_view(), grown.view(), t); }
   enc.append(range(120, 30), cents.const_view(), grown.view(), 120);
+  pqkv::host_tensor<std::uint8_t, 3> roomy(heads, capacity, cfg.m);
+  std::fill(roomy.storage().begin(), roomy.storage().end(), std::uint8_t{0xEE});
+  enc.encode(keys.const_view(), cents.const_view(), roomy.view());
   for (index_t h = 0; h < heads; ++h) {
     for (index_t t = 0; t < capacity; ++t) {
       for (index_t j = 0; j < cfg.m; ++j) {
         auto const want = t < tokens ? full.view()(h, t, j) : std::uint8_t{0xEE};
         REQUIRE(grown.view()(h, t, j) == want);
+        REQUIRE(roomy.view()(h, t, j) == want);
       }
     }
   }
@@ -278,7 +282,7 @@ TEST_CASE("encode: each bad input throws naming it")
   CHECK_THROWS_WITH_AS(enc.encode(keys.const_view(), c, wrong_m.view()), doctest::Contains("codes.extent(2)=8"),
                        pqkv::error);
   CHECK_THROWS_WITH_AS(enc.encode(keys.const_view(), c, short_codes.view()),
-                       doctest::Contains("codes.extent(1)=4"), pqkv::error);
+                       doctest::Contains("codes.extent(1)=4 < keys.extent(1)=5"), pqkv::error);
   pqkv::host_tensor<float, 4> bad_ksub(2, 4, 16, 4);
   CHECK_THROWS_WITH_AS(enc.encode(keys.const_view(), bad_ksub.const_view(), codes.view()),
                        doctest::Contains("centroids.extent(2)=16"), pqkv::error);

@@ -247,6 +247,12 @@ TEST_CASE("gpu encoder: append equals a full encode (host position, device posit
   };
   pqkv::device_buffer<std::uint8_t> codes(static_cast<std::size_t>(heads * cap * m));
   auto const codes_v = pqkv::make_view(codes.data(), heads, cap, m);
+  SUBCASE("encode into a buffer with more rows than the keys")
+  {
+    PQKV_CUDA_TRY(cudaMemset(codes.data(), 0xEE, codes.size()));
+    enc.encode(pqkv::make_view(static_cast<float const*>(dk.data()), heads, tokens, dim), cv, codes_v, nullptr);
+    check_rows(download(codes, codes.size()));
+  }
   SUBCASE("host position, a few tokens at a time")
   {
     PQKV_CUDA_TRY(cudaMemset(codes.data(), 0xEE, codes.size()));
