@@ -24,5 +24,7 @@
 #include <pqkv/schedule/stream_set.cuh>
 #include <pqkv/score/adc_topk.cuh>
 #include <pqkv/score/page_list.cuh>
+#include <pqkv/sparse/block_sparse_attention.cuh>
+#include <pqkv/sparse/calibrate.cuh>
 #include <pqkv/sparse/quantize.cuh>
 #include <pqkv/sparse/sale_mask.cuh>
