@@ -997,8 +997,10 @@ __global__ void bsr_fill_kernel(std::uint32_t const* bitmask, int rows, int word
   }
 }
 
-/// FlexAttention BlockMask: one warp per (s, h, Q) consumer row.
-template <int Unused = 0>  // a template, so that several translation units may include this header
+/// Consumer-block rows, one warp per (s, h, Q): the set consumer key blocks
+/// ascending (FlexAttention BlockMask) or, with Deltas, the steps between them,
+/// the first from block 0 (SpargeAttn's LUT); then 0-padded, and the count.
+template <bool Deltas = false>
 __global__ void block_mask_kernel(std::uint32_t const* bitmask, int batch, int q_heads, int q_blocks, int k_blocks,
                                   int words, int fq, int fk, int cq_blocks, int ck_blocks, std::int32_t* num,
                                   std::int32_t* idx)
@@ -1009,7 +1011,7 @@ __global__ void block_mask_kernel(std::uint32_t const* bitmask, int batch, int q
   int const Q = row % cq_blocks, sh = row / cq_blocks;  // sh = s * q_heads + h
   std::uint32_t const* base = bitmask + static_cast<std::size_t>(sh) * q_blocks * words;
   std::int32_t* out = idx + static_cast<std::size_t>(row) * ck_blocks;
-  int cnt = 0;
+  int cnt = 0, last = 0;  // last: the highest set block of earlier chunks (0 before the first)
   for (int K0 = 0; K0 < ck_blocks; K0 += 32) {
     int const K = K0 + lane;
     bool any = false;
@@ -1021,7 +1023,13 @@ __global__ void block_mask_kernel(std::uint32_t const* bitmask, int batch, int q
       }
     }
     unsigned const ballot = __ballot_sync(0xffffffffu, any);
-    if (any) { out[cnt + __popc(ballot & ((1u << lane) - 1u))] = K; }
+    unsigned const below = ballot & ((1u << lane) - 1u);
+    if (any) {
+      int value = K;
+      if constexpr (Deltas) { value = K - (below != 0u ? K0 + 31 - __clz(static_cast<int>(below)) : last); }
+      out[cnt + __popc(below)] = value;
+    }
+    if (ballot != 0u) { last = K0 + 31 - __clz(static_cast<int>(ballot)); }
     cnt += __popc(ballot);
   }
   for (int K = cnt + lane; K < ck_blocks; K += 32) { out[K] = 0; }

@@ -3,7 +3,8 @@
 /// @file `pqkv::gpu::sale_mask`: the SALE block-sparse prefill mask on the
 /// GPU (Hopper: INT8 tensor cores through `mma.sync.m16n8k32.s8`), following
 /// `pqkv::cpu::sale_estimator` + `pqkv::cpu::build_mask` (sparse/sale_mask.hpp),
-/// and its conversions to FlashInfer BSR and FlexAttention BlockMask tensors.
+/// and its conversions to FlashInfer BSR, FlexAttention BlockMask and
+/// SpargeAttn LUT tensors.
 ///
 /// What equals the CPU reference, and what may not:
 /// - quantized codes, scales and means, corr and row terms, each row's group
@@ -463,6 +464,27 @@ inline void bitmask_to_bsr(view<std::uint32_t const, 4> bitmask, mask_shape cons
   PQKV_CUDA_CHECK_LAST();
 }
 
+namespace detail {
+
+/// One launch of the consumer-row kernel for checked arguments of shape b.
+template <bool Deltas>
+void launch_consumer_rows(view<std::uint32_t const, 4> bitmask, mask_shape const& m, sparse_config const& cfg,
+                          index_t cq, index_t ck, block_mask_shape const& b, std::int32_t* num, std::int32_t* idx,
+                          char const* where, cudaStream_t stream)
+{
+  index_t const rows = b.batch * b.q_heads * b.q_blocks;
+  PQKV_EXPECTS(rows <= index_t{std::numeric_limits<int>::max() / 32}, where, "too many consumer rows: ", rows);
+  if (rows == 0) { return; }
+  auto const grid = static_cast<unsigned>((rows * 32 + 255) / 256);
+  pqkv::detail::sale_gpu::block_mask_kernel<Deltas><<<grid, 256, 0, stream>>>(
+      bitmask.data_handle(), static_cast<int>(m.batch), static_cast<int>(m.q_heads), static_cast<int>(m.q_blocks),
+      static_cast<int>(m.k_blocks), static_cast<int>(m.words), static_cast<int>(cq / cfg.block_q),
+      static_cast<int>(ck / cfg.block_k), static_cast<int>(b.q_blocks), static_cast<int>(b.k_blocks), num, idx);
+  PQKV_CUDA_CHECK_LAST();
+}
+
+}  // namespace detail
+
 /// The bit mask OR-reduced to consumer blocks cq x ck as FlexAttention
 /// `BlockMask` tensors on the device, as `pqkv::cpu::bitmask_to_block_mask`:
 /// kv_num_blocks [batch, q_heads, Q], kv_indices [batch, q_heads, Q, K]
@@ -478,15 +500,32 @@ inline void bitmask_to_block_mask(view<std::uint32_t const, 4> bitmask, mask_sha
   constexpr char const* where = "gpu::bitmask_to_block_mask";
   block_mask_shape const b =
     pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, kv_num_blocks, kv_indices, where);
-  index_t const rows = b.batch * b.q_heads * b.q_blocks;
-  if (rows == 0) { return; }
-  auto const grid = static_cast<unsigned>((rows * 32 + 255) / 256);
-  pqkv::detail::sale_gpu::block_mask_kernel<><<<grid, 256, 0, stream>>>(
-      bitmask.data_handle(), static_cast<int>(m.batch), static_cast<int>(m.q_heads), static_cast<int>(m.q_blocks),
-      static_cast<int>(m.k_blocks), static_cast<int>(m.words), static_cast<int>(cq / cfg.block_q),
-      static_cast<int>(ck / cfg.block_k), static_cast<int>(b.q_blocks), static_cast<int>(b.k_blocks),
-      kv_num_blocks.data_handle(), kv_indices.data_handle());
-  PQKV_CUDA_CHECK_LAST();
+  detail::launch_consumer_rows<false>(bitmask, m, cfg, cq, ck, b, kv_num_blocks.data_handle(),
+                                      kv_indices.data_handle(), where, stream);
+}
+
+/// The bit mask OR-reduced to consumer blocks cq x ck as SpargeAttn's LUT on
+/// the device, as `pqkv::cpu::bitmask_to_sparge_lut` (the layout and its
+/// source are documented there): valid_block_num [batch, q_heads, Q] and lut
+/// [batch, q_heads, Q, K] int32, the first kept block then the steps between
+/// kept blocks, 0-padded. One launch (a warp per row), no allocation, no sync,
+/// graph-capturable. Throws `pqkv::error` before it on bad consumer sizes,
+/// extents that differ from `make_block_mask_shape`, or null or host outputs.
+inline void bitmask_to_sparge_lut(view<std::uint32_t const, 4> bitmask, mask_shape const& m,
+                                  sparse_config const& cfg, index_t cq, index_t ck,
+                                  view<std::int32_t, 3> valid_block_num,  // [batch, q_heads, Q], device
+                                  view<std::int32_t, 4> lut,              // [batch, q_heads, Q, K], device
+                                  cudaStream_t stream)
+{
+  constexpr char const* where = "gpu::bitmask_to_sparge_lut";
+  block_mask_shape const b = pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, valid_block_num, lut,
+                                                                  where, "valid_block_num", "lut");
+  if (sparge_valid_size(b) == 0) { return; }
+  pqkv::detail::gpu_check::expect_device_pointer(bitmask.data_handle(), where, "bitmask");
+  pqkv::detail::gpu_check::expect_device_pointer(valid_block_num.data_handle(), where, "valid_block_num");
+  if (sparge_lut_size(b) > 0) { pqkv::detail::gpu_check::expect_device_pointer(lut.data_handle(), where, "lut"); }
+  detail::launch_consumer_rows<true>(bitmask, m, cfg, cq, ck, b, valid_block_num.data_handle(), lut.data_handle(),
+                                     where, stream);
 }
 
 }  // namespace pqkv::gpu

@@ -2,8 +2,8 @@
 #pragma once
 /// @file Block-sparse causal prefill masks (SALE): for every (sequence, q
 /// head, q block) the key blocks an attention kernel must visit, estimated from
-/// low-bit Q and K, as a bit mask, FlashInfer BSR and FlexAttention BlockMask
-/// tensors.
+/// low-bit Q and K, as a bit mask, FlashInfer BSR, FlexAttention BlockMask
+/// and SpargeAttn LUT tensors.
 ///
 /// Blocks. Sequence s holds packed tokens [cu[s], cu[s+1]), length n. Query
 /// block qb holds rows [qb Bq, min((qb+1) Bq, n)), key block kb keys
@@ -171,6 +171,19 @@ struct block_mask_shape {
   PQKV_EXPECTS(ck > 0 && ck % cfg.block_k == 0, where, "consumer block_k=", ck,
                " must be a positive multiple of block_k=", cfg.block_k);
   return {m.batch, m.q_heads, (m.max_len + cq - 1) / cq, (m.max_len + ck - 1) / ck};
+}
+
+/// Elements of a SpargeAttn LUT [batch, q_heads, Q, K] at the consumer blocks
+/// of `b` (`make_block_mask_shape`); FlexAttention's kv_indices has as many.
+[[nodiscard]] constexpr index_t sparge_lut_size(block_mask_shape const& b) noexcept
+{
+  return b.batch * b.q_heads * b.q_blocks * b.k_blocks;
+}
+
+/// Elements of a SpargeAttn valid_block_num [batch, q_heads, Q] (as kv_num_blocks).
+[[nodiscard]] constexpr index_t sparge_valid_size(block_mask_shape const& b) noexcept
+{
+  return b.batch * b.q_heads * b.q_blocks;
 }
 
 /// A block-score producer for `cpu::build_mask`. `shape()`, `config()` and
@@ -515,26 +528,29 @@ inline void check_bitmask(view<std::uint32_t const, 4> bitmask, mask_shape const
   PQKV_EXPECTS(bitmask.data_handle() != nullptr || bitmask_size(m) == 0, where, "bitmask.data_handle() is null");
 }
 
-/// Checks the arguments of a BlockMask conversion (CPU or GPU) and returns its shape.
+/// Checks the arguments of a consumer-block conversion (BlockMask or
+/// SpargeAttn LUT, CPU or GPU) and returns its shape; `num_name` and
+/// `idx_name` name the count [batch, q_heads, Q] and index [.., K] outputs.
 inline block_mask_shape check_block_mask_args(view<std::uint32_t const, 4> bitmask, mask_shape const& m,
                                               sparse_config const& cfg, index_t cq, index_t ck,
                                               view<std::int32_t, 3> kv_num_blocks, view<std::int32_t, 4> kv_indices,
-                                              char const* where)
+                                              char const* where, char const* num_name = "kv_num_blocks",
+                                              char const* idx_name = "kv_indices")
 {
   pqkv::detail::check_bitmask(bitmask, m, where);
   block_mask_shape const b = make_block_mask_shape(m, cfg, cq, ck);
   PQKV_EXPECTS(kv_num_blocks.extent(0) == b.batch && kv_num_blocks.extent(1) == b.q_heads &&
                    kv_num_blocks.extent(2) == b.q_blocks,
-               where, "kv_num_blocks extents (", kv_num_blocks.extent(0), ", ", kv_num_blocks.extent(1), ", ",
+               where, num_name, " extents (", kv_num_blocks.extent(0), ", ", kv_num_blocks.extent(1), ", ",
                kv_num_blocks.extent(2), ") differ from (", b.batch, ", ", b.q_heads, ", ", b.q_blocks, ")");
   PQKV_EXPECTS(kv_indices.extent(0) == b.batch && kv_indices.extent(1) == b.q_heads &&
                    kv_indices.extent(2) == b.q_blocks && kv_indices.extent(3) == b.k_blocks,
-               where, "kv_indices extents (", kv_indices.extent(0), ", ", kv_indices.extent(1), ", ",
+               where, idx_name, " extents (", kv_indices.extent(0), ", ", kv_indices.extent(1), ", ",
                kv_indices.extent(2), ", ", kv_indices.extent(3), ") differ from (", b.batch, ", ", b.q_heads, ", ",
                b.q_blocks, ", ", b.k_blocks, ")");
   PQKV_EXPECTS((kv_num_blocks.data_handle() != nullptr || element_count(kv_num_blocks) == 0) &&
                    (kv_indices.data_handle() != nullptr || element_count(kv_indices) == 0),
-               where, "kv_num_blocks or kv_indices data_handle() is null");
+               where, num_name, " or ", idx_name, " data_handle() is null");
   return b;
 }
 
@@ -640,6 +656,45 @@ inline index_t bitmask_to_bsr(view<std::uint32_t const, 4> bitmask, mask_shape c
   return at;
 }
 
+}  // namespace cpu
+
+namespace detail {
+
+/// Writes the consumer-block rows of shape b (blocks fq x fk mask blocks,
+/// OR-reduced) into num [batch, q_heads, Q] and idx [batch, q_heads, Q, K]:
+/// each row's set consumer blocks ascending, or with `deltas` the steps
+/// between them (the first from block 0), then 0-padded.
+inline void consumer_block_rows(view<std::uint32_t const, 4> bitmask, mask_shape const& m, block_mask_shape const& b,
+                                index_t fq, index_t fk, bool deltas, view<std::int32_t, 3> num,
+                                view<std::int32_t, 4> idx)
+{
+  std::vector<char> any(static_cast<std::size_t>(b.k_blocks));
+  for (index_t s = 0; s < b.batch; ++s) {
+    for (index_t h = 0; h < b.q_heads; ++h) {
+      for (index_t Q = 0; Q < b.q_blocks; ++Q) {
+        std::fill(any.begin(), any.end(), char{0});
+        for (index_t qb = Q * fq; qb < std::min((Q + 1) * fq, m.q_blocks); ++qb) {
+          for (index_t kb = 0; kb < m.k_blocks; ++kb) {
+            if (cpu::mask_bit(bitmask, s, h, qb, kb)) { any[static_cast<std::size_t>(kb / fk)] = 1; }
+          }
+        }
+        std::int32_t cnt = 0, last = 0;
+        for (index_t K = 0; K < b.k_blocks; ++K) {
+          if (any[static_cast<std::size_t>(K)] == 0) { continue; }
+          idx(s, h, Q, cnt++) = static_cast<std::int32_t>(deltas ? K - last : K);
+          last = static_cast<std::int32_t>(K);
+        }
+        num(s, h, Q) = cnt;
+        for (index_t K = cnt; K < b.k_blocks; ++K) { idx(s, h, Q, K) = 0; }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+namespace cpu {
+
 /// The bit mask OR-reduced to consumer blocks cq x ck (multiples of block_q,
 /// block_k) as FlexAttention `BlockMask` tensors: kv_num_blocks [batch,
 /// q_heads, Q] and kv_indices [batch, q_heads, Q, K] (`make_block_mask_shape`),
@@ -654,26 +709,40 @@ inline void bitmask_to_block_mask(view<std::uint32_t const, 4> bitmask, mask_sha
   constexpr char const* where = "bitmask_to_block_mask";
   block_mask_shape const b =
     pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, kv_num_blocks, kv_indices, where);
-  index_t const fq = cq / cfg.block_q, fk = ck / cfg.block_k;
-  std::vector<char> any(static_cast<std::size_t>(b.k_blocks));
-  for (index_t s = 0; s < b.batch; ++s) {
-    for (index_t h = 0; h < b.q_heads; ++h) {
-      for (index_t Q = 0; Q < b.q_blocks; ++Q) {
-        std::fill(any.begin(), any.end(), char{0});
-        for (index_t qb = Q * fq; qb < std::min((Q + 1) * fq, m.q_blocks); ++qb) {
-          for (index_t kb = 0; kb < m.k_blocks; ++kb) {
-            if (mask_bit(bitmask, s, h, qb, kb)) { any[static_cast<std::size_t>(kb / fk)] = 1; }
-          }
-        }
-        std::int32_t cnt = 0;
-        for (index_t K = 0; K < b.k_blocks; ++K) {
-          if (any[static_cast<std::size_t>(K)] != 0) { kv_indices(s, h, Q, cnt++) = static_cast<std::int32_t>(K); }
-        }
-        kv_num_blocks(s, h, Q) = cnt;
-        for (index_t K = cnt; K < b.k_blocks; ++K) { kv_indices(s, h, Q, K) = 0; }
-      }
-    }
-  }
+  pqkv::detail::consumer_block_rows(bitmask, m, b, cq / cfg.block_q, ck / cfg.block_k, false, kv_num_blocks,
+                                    kv_indices);
+}
+
+/// The bit mask OR-reduced to consumer blocks cq x ck (multiples of block_q,
+/// block_k) as the look-up table SpargeAttn's block-sparse SageAttention
+/// kernels read: valid_block_num [batch, q_heads, Q] int32, the kept consumer
+/// key blocks of each row, and lut [batch, q_heads, Q, K] int32 (shape of
+/// `make_block_mask_shape`, sizes `sparge_valid_size`, `sparge_lut_size`),
+/// whose row holds, for the kept blocks k_0 < k_1 < ... ascending, k_0 then
+/// the steps k_j - k_{j-1}, then 0 to the end of the row. A kernel starts at
+/// lut[0] and adds lut[j] before its j-th step. Pick cq x ck as the kernel's
+/// CTA tile: 64 x 128 for SageAttention2 on Hopper (sm90), 128 x 64 on sm80
+/// / sm89. Its kernels are not varlen: sequences are padded to max_len, and a
+/// row with valid_block_num 0 (padding, an empty sequence) is skipped without
+/// writing its output rows. Throws `pqkv::error` on bad consumer sizes or
+/// output extents that differ from that shape.
+//
+// The encoding is SpargeAttn's (github.com/thu-ml/SpargeAttn, read at commit
+// bfd980b): spas_sage_attn/utils.py, block_map_lut_triton, turns a bool block
+// map [B, H, Q, K] into int32 tensors of these shapes with delta steps and a
+// zero-filled tail; csrc/qattn/qk_int_sv_f8_cuda_sm90.cuh (and the sm80 / sm89
+// kernels) read valid_block_num[b, h, q], offset lut by that row times
+// ceil(kv_len / CTA_K), and accumulate the steps; the .cu dispatchers set
+// CTA_Q x CTA_K to 64 x 128 on sm90 and 128 x 64 elsewhere.
+inline void bitmask_to_sparge_lut(view<std::uint32_t const, 4> bitmask, mask_shape const& m,
+                                  sparse_config const& cfg, index_t cq, index_t ck,
+                                  view<std::int32_t, 3> valid_block_num,  // [batch, q_heads, Q]
+                                  view<std::int32_t, 4> lut)              // [batch, q_heads, Q, K]
+{
+  constexpr char const* where = "bitmask_to_sparge_lut";
+  block_mask_shape const b = pqkv::detail::check_block_mask_args(bitmask, m, cfg, cq, ck, valid_block_num, lut,
+                                                                  where, "valid_block_num", "lut");
+  pqkv::detail::consumer_block_rows(bitmask, m, b, cq / cfg.block_q, ck / cfg.block_k, true, valid_block_num, lut);
 }
 
 }  // namespace cpu

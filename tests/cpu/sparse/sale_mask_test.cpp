@@ -464,3 +464,195 @@ TEST_CASE("sale mask: bad input throws naming the argument")
           pqkv::cpu::sale_estimator{qn.const_view(), b.k.const_view(), b.cu, pqkv::sparse_config{}};
         }).find("q(1, 7, 3)=inf is not finite") != std::string::npos);
 }
+
+namespace {
+
+/// SpargeAttn's LUT recomputed by a plain loop over positions: consumer block
+/// (Q, K) is kept iff a mask bit is set for some q block holding a row of
+/// [Q cq, (Q+1) cq) and key block holding a key of [K ck, (K+1) ck); per row
+/// the kept K ascending as the first index, then steps, then zeros.
+struct plain_lut {
+  std::vector<std::int32_t> valid, lut;
+};
+
+plain_lut plain_sparge_lut(pqkv::host_tensor<std::uint32_t, 4> const& bits, pqkv::mask_shape const& m, index_t bq,
+                           index_t bk, index_t cq, index_t ck)
+{
+  index_t const nq = (m.max_len + cq - 1) / cq, nk = (m.max_len + ck - 1) / ck;
+  plain_lut r;
+  for (index_t s = 0; s < m.batch; ++s) {
+    for (index_t h = 0; h < m.q_heads; ++h) {
+      for (index_t Q = 0; Q < nq; ++Q) {
+        std::vector<std::int32_t> row(static_cast<std::size_t>(nk), 0);
+        std::int32_t cnt = 0, prev = 0;
+        for (index_t K = 0; K < nk; ++K) {
+          bool any = false;
+          for (index_t i = Q * cq; i < (Q + 1) * cq; i += bq) {
+            for (index_t j = K * ck; j < (K + 1) * ck; j += bk) {
+              if (i / bq < m.q_blocks && j / bk < m.k_blocks) { any = any || bit(bits, s, h, i / bq, j / bk); }
+            }
+          }
+          if (any) {
+            row[static_cast<std::size_t>(cnt++)] = static_cast<std::int32_t>(K) - prev;
+            prev = static_cast<std::int32_t>(K);
+          }
+        }
+        r.valid.push_back(cnt);
+        r.lut.insert(r.lut.end(), row.begin(), row.end());
+      }
+    }
+  }
+  return r;
+}
+
+/// A mask with about `density` of the blocks below k_blocks set at random and
+/// about a fifth of the rows empty.
+pqkv::host_tensor<std::uint32_t, 4> random_mask(pqkv::mask_shape const& m, double density, std::uint64_t seed)
+{
+  pqkv::host_tensor<std::uint32_t, 4> bits(m.batch, m.q_heads, m.q_blocks, m.words);
+  std::uint64_t i = 0;
+  for (index_t s = 0; s < m.batch; ++s) {
+    for (index_t h = 0; h < m.q_heads; ++h) {
+      for (index_t qb = 0; qb < m.q_blocks; ++qb) {
+        for (index_t w = 0; w < m.words; ++w) { bits.view()(s, h, qb, w) = 0u; }
+        bool const empty_row = pqkv::detail::random_unit(seed, i++, 7) < 0.2;
+        for (index_t kb = 0; kb < m.k_blocks && !empty_row; ++kb) {
+          if (pqkv::detail::random_unit(seed, i++, 0) < density) {
+            bits.view()(s, h, qb, kb / 32) |= std::uint32_t{1} << (kb % 32);
+          }
+        }
+      }
+    }
+  }
+  return bits;
+}
+
+/// Runs the library's LUT at cq x ck and compares it with the plain loop and
+/// with the BlockMask of the same mask (the LUT's prefix sums are its indices).
+void check_sparge_lut(pqkv::host_tensor<std::uint32_t, 4> const& bits, pqkv::mask_shape const& m,
+                      pqkv::sparse_config const& cfg, index_t cq, index_t ck)
+{
+  CAPTURE(cq);
+  CAPTURE(ck);
+  auto const b = pqkv::make_block_mask_shape(m, cfg, cq, ck);
+  pqkv::host_tensor<std::int32_t, 3> valid(b.batch, b.q_heads, b.q_blocks);
+  pqkv::host_tensor<std::int32_t, 4> lut(b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  CHECK(pqkv::sparge_valid_size(b) == static_cast<index_t>(valid.size()));
+  CHECK(pqkv::sparge_lut_size(b) == static_cast<index_t>(lut.size()));
+  std::fill(valid.data(), valid.data() + valid.size(), -7);  // poison: every entry must be written
+  std::fill(lut.data(), lut.data() + lut.size(), -7);
+  pqkv::cpu::bitmask_to_sparge_lut(bits.const_view(), m, cfg, cq, ck, valid.view(), lut.view());
+  auto const want = plain_sparge_lut(bits, m, cfg.block_q, cfg.block_k, cq, ck);
+  CHECK(valid.storage() == want.valid);
+  CHECK(lut.storage() == want.lut);
+  pqkv::host_tensor<std::int32_t, 3> num(b.batch, b.q_heads, b.q_blocks);
+  pqkv::host_tensor<std::int32_t, 4> idx(b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  pqkv::cpu::bitmask_to_block_mask(bits.const_view(), m, cfg, cq, ck, num.view(), idx.view());
+  CHECK(num.storage() == valid.storage());
+  index_t empty = 0;
+  for (index_t r = 0; r < pqkv::sparge_valid_size(b); ++r) {
+    std::int32_t at = 0;
+    empty += valid.data()[r] == 0;
+    for (index_t j = 0; j < valid.data()[r]; ++j) {
+      std::int32_t const step = lut.data()[r * b.k_blocks + j];
+      CHECK((j == 0 ? step >= 0 : step > 0));
+      at += step;
+      CHECK(at == idx.data()[r * b.k_blocks + j]);
+    }
+  }
+  MESSAGE("consumer ", cq, " x ", ck, ": rows ", pqkv::sparge_valid_size(b), ", empty ", empty);
+}
+
+}  // namespace
+
+TEST_CASE("sale mask: Sparge LUT of a hand-made mask holds the first block, then the steps, then zeros")
+{
+  std::vector<std::int32_t> const cu{0, 160};
+  pqkv::sparse_config const cfg{.block_q = 16, .block_k = 16, .sink = 16, .local = 16};
+  auto const m = pqkv::make_mask_shape(cu, 1, 1, cfg);
+  REQUIRE(m.q_blocks == 10);
+  REQUIRE(m.k_blocks == 10);
+  pqkv::host_tensor<std::uint32_t, 4> bits(1, 1, 10, 1);
+  std::fill(bits.data(), bits.data() + bits.size(), 0u);
+  bits.view()(0, 0, 9, 0) = (1u << 2) | (1u << 3) | (1u << 7);  // row 9: blocks 2, 3, 7; row 8: only block 0
+  bits.view()(0, 0, 8, 0) = 1u;
+  pqkv::host_tensor<std::int32_t, 3> valid(1, 1, 10);
+  pqkv::host_tensor<std::int32_t, 4> lut(1, 1, 10, 10);
+  pqkv::cpu::bitmask_to_sparge_lut(bits.const_view(), m, cfg, 16, 16, valid.view(), lut.view());
+  CHECK(valid.view()(0, 0, 9) == 3);
+  CHECK(valid.view()(0, 0, 8) == 1);
+  CHECK(valid.view()(0, 0, 0) == 0);  // an empty row
+  std::vector<std::int32_t> row9, row8, row0;
+  for (index_t K = 0; K < 10; ++K) {
+    row9.push_back(lut.view()(0, 0, 9, K));
+    row8.push_back(lut.view()(0, 0, 8, K));
+    row0.push_back(lut.view()(0, 0, 0, K));
+  }
+  CHECK(row9 == std::vector<std::int32_t>{2, 1, 4, 0, 0, 0, 0, 0, 0, 0});
+  CHECK(row8 == std::vector<std::int32_t>{0, 0, 0, 0, 0, 0, 0, 0, 0, 0});  // block 0 first: a step of 0
+  CHECK(row0 == std::vector<std::int32_t>(10, 0));
+  // 32 x 32 consumer blocks: rows 8 and 9 merge into consumer row 4, blocks {0, 1, 3}.
+  pqkv::host_tensor<std::int32_t, 3> v2(1, 1, 5);
+  pqkv::host_tensor<std::int32_t, 4> l2(1, 1, 5, 5);
+  pqkv::cpu::bitmask_to_sparge_lut(bits.const_view(), m, cfg, 32, 32, v2.view(), l2.view());
+  CHECK(v2.storage() == std::vector<std::int32_t>{0, 0, 0, 0, 3});
+  std::vector<std::int32_t> row4;
+  for (index_t K = 0; K < 5; ++K) { row4.push_back(l2.view()(0, 0, 4, K)); }
+  CHECK(row4 == std::vector<std::int32_t>{0, 1, 2, 0, 0});
+}
+
+TEST_CASE("sale mask: Sparge LUT equals a plain loop: ragged batch, empty rows, consumer blocks equal to and larger "
+          "than the mask's")
+{
+  auto const b = make_batch(4, 2, 64, {0, 300, 300, 513}, 55);  // an empty sequence, padding rows
+  pqkv::sparse_config const cfg{.block_q = 32, .block_k = 16, .sink = 16, .local = 32};
+  pqkv::cpu::sale_estimator const est{b.q.const_view(), b.k.const_view(), b.cu, cfg};
+  auto const m = est.shape();
+  auto const sale_bits = mask_of(est, {0.02f, 0.005f, 0.f, inf});
+  auto const rand_bits = random_mask(m, 0.15, 91);
+  for (auto const* bits : {&sale_bits, &rand_bits}) {
+    // equal to the mask blocks; SageAttention2 sm90 (64 x 128) and sm80/sm89 (128 x 64) tiles; odd multiples;
+    // one consumer block covering the whole sequence
+    for (auto const& [cq, ck] : std::vector<std::pair<index_t, index_t>>{
+             {32, 16}, {64, 128}, {128, 64}, {96, 48}, {32, 80}, {512, 512}}) {
+      check_sparge_lut(*bits, m, cfg, cq, ck);
+    }
+  }
+  // Sequences of one token and of 64 + 1 tokens, 64 x 32 mask blocks.
+  std::vector<std::int32_t> const cu{0, 1, 66, 66};
+  pqkv::sparse_config const c2{};
+  auto const m2 = pqkv::make_mask_shape(cu, 4, 2, c2);
+  auto const r2 = random_mask(m2, 0.5, 92);
+  for (auto const& [cq, ck] : std::vector<std::pair<index_t, index_t>>{{64, 32}, {64, 128}, {128, 64}}) {
+    check_sparge_lut(r2, m2, c2, cq, ck);
+  }
+}
+
+TEST_CASE("sale mask: Sparge LUT bad input throws naming the argument")
+{
+  std::vector<std::int32_t> const cu{0, 256};
+  pqkv::sparse_config const cfg{};  // 64 x 32
+  auto const m = pqkv::make_mask_shape(cu, 4, 2, cfg);
+  auto const bits = random_mask(m, 0.3, 93);
+  auto const b = pqkv::make_block_mask_shape(m, cfg, 64, 128);
+  pqkv::host_tensor<std::int32_t, 3> valid(b.batch, b.q_heads, b.q_blocks);
+  pqkv::host_tensor<std::int32_t, 4> lut(b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  auto convert = [&](auto bitmask, index_t cq, index_t ck, auto v, auto l) {
+    return error_message([&] { pqkv::cpu::bitmask_to_sparge_lut(bitmask, m, cfg, cq, ck, v, l); });
+  };
+  auto const bv = bits.const_view();
+  CHECK(convert(bv, 96, 128, valid.view(), lut.view()).find("consumer block_q=96") != std::string::npos);
+  CHECK(convert(bv, 64, 48, valid.view(), lut.view()).find("consumer block_k=48 must be a positive multiple of "
+                                                          "block_k=32") != std::string::npos);
+  CHECK(convert(bv, 0, 128, valid.view(), lut.view()).find("consumer block_q=0") != std::string::npos);
+  CHECK(convert(bv, 128, 128, valid.view(), lut.view()).find("valid_block_num extents (1, 4, 4) differ from (1, 4, 2)") !=
+        std::string::npos);
+  pqkv::host_tensor<std::int32_t, 4> short_lut(b.batch, b.q_heads, b.q_blocks, b.k_blocks - 1);
+  CHECK(convert(bv, 64, 128, valid.view(), short_lut.view()).find("lut extents (1, 4, 4, 1) differ from (1, 4, 4, 2)") !=
+        std::string::npos);
+  pqkv::host_tensor<std::uint32_t, 4> small(m.batch, m.q_heads, m.q_blocks - 1, m.words);
+  CHECK(convert(small.const_view(), 64, 128, valid.view(), lut.view()).find("bitmask extents") != std::string::npos);
+  auto const null_lut = pqkv::make_view(static_cast<std::int32_t*>(nullptr), b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  CHECK(convert(bv, 64, 128, valid.view(), null_lut).find("valid_block_num or lut data_handle() is null") !=
+        std::string::npos);
+}

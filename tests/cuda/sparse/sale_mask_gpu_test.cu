@@ -4,8 +4,8 @@
 // quantized codes, scales, means, corr and row terms bit for bit; row lse to
 // 1e-12; masks equal except blocks whose reference score lies within 1e-4 of
 // log(tau) or, with a cap, within 1e-9 of the row's cut (counted, bounded);
-// density, BSR and BlockMask conversions equal the CPU's on the GPU mask;
-// graph replay; bad inputs throw before any launch.
+// density, BSR, BlockMask and SpargeAttn LUT conversions equal the CPU's on
+// the GPU mask; graph replay; bad inputs throw before any launch.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/host_tensor.hpp>
 #include <pqkv/sparse/quantize.cuh>
@@ -106,6 +106,28 @@ cap_cut cut_of(pqkv::sparse_config const& cfg, index_t n, index_t qb, float tau,
     c.cut = pass[static_cast<std::size_t>(cfg.max_blocks) - 1];
   }
   return c;
+}
+
+/// The SpargeAttn LUT of the device mask `dbits` (a copy of host `bits`) at
+/// cq x ck on `stream` into poisoned outputs equals the CPU conversion.
+void check_sparge_lut(pqkv::host_tensor<std::uint32_t, 4> const& bits, pqkv::view<std::uint32_t const, 4> dbits,
+                      pqkv::mask_shape const& m, pqkv::sparse_config const& cfg, index_t cq, index_t ck,
+                      cudaStream_t stream)
+{
+  auto const b = pqkv::make_block_mask_shape(m, cfg, cq, ck);
+  pqkv::host_tensor<std::int32_t, 3> valid(b.batch, b.q_heads, b.q_blocks);
+  pqkv::host_tensor<std::int32_t, 4> lut(b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  pqkv::cpu::bitmask_to_sparge_lut(bits.const_view(), m, cfg, cq, ck, valid.view(), lut.view());
+  auto const nv = static_cast<std::size_t>(pqkv::sparge_valid_size(b));
+  auto const nl = static_cast<std::size_t>(pqkv::sparge_lut_size(b));
+  pqkv::device_buffer<std::int32_t> dvalid(std::max<std::size_t>(nv, 1)), dlut(std::max<std::size_t>(nl, 1));
+  PQKV_CUDA_TRY(cudaMemsetAsync(dvalid.data(), 0xAB, dvalid.size() * 4, stream));  // every entry must be written
+  PQKV_CUDA_TRY(cudaMemsetAsync(dlut.data(), 0xAB, dlut.size() * 4, stream));
+  pqkv::gpu::bitmask_to_sparge_lut(dbits, m, cfg, cq, ck, pqkv::make_view(dvalid.data(), b.batch, b.q_heads, b.q_blocks),
+                                   pqkv::make_view(dlut.data(), b.batch, b.q_heads, b.q_blocks, b.k_blocks), stream);
+  PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+  CHECK(download(dvalid, nv) == valid.storage());
+  CHECK(download(dlut, nl) == lut.storage());
 }
 
 /// Runs the GPU mask on b (converted to T) and compares everything with the
@@ -304,6 +326,17 @@ mask_report check_case(pqkv::test::batch_data const& b, pqkv::sparse_config cons
     PQKV_CUDA_TRY(cudaDeviceSynchronize());
     CHECK(download(dnum, num.size()) == num.storage());
     CHECK(download(didx2, idx.size()) == idx.storage());
+
+    // SpargeAttn LUT: at the mask's blocks, at 2 Bq x 4 Bk, and at SageAttention2's tiles where they divide.
+    auto const dview = pqkv::as_const(pqkv::make_view(dbits.data(), m.batch, m.q_heads, m.q_blocks, m.words));
+    std::vector<std::pair<index_t, index_t>> sizes{{cfg.block_q, cfg.block_k}, {cq, ck}};
+    if (64 % cfg.block_q == 0 && 128 % cfg.block_k == 0) { sizes.emplace_back(64, 128); }
+    if (128 % cfg.block_q == 0 && 64 % cfg.block_k == 0) { sizes.emplace_back(128, 64); }
+    for (auto const& [lq, lk] : sizes) {
+      CAPTURE(lq);
+      CAPTURE(lk);
+      check_sparge_lut(gpu_bits, dview, m, cfg, lq, lk, nullptr);
+    }
   }
   MESSAGE(name, ": blocks=", rep.blocks, " estimated kept=", rep.kept_est, " dropped=", rep.dropped_est,
           " near-threshold differences=", rep.near_diff, " max_blocks=", cfg.max_blocks,
@@ -736,4 +769,131 @@ TEST_CASE("gpu::sale_mask: records its device and throws when called from anothe
   int now = -1;
   PQKV_CUDA_TRY(cudaGetDevice(&now));
   CHECK(now == device);
+}
+
+TEST_CASE("gpu::bitmask_to_sparge_lut equals the CPU conversion on random masks with empty rows, in a CUDA graph")
+{
+  PQKV_REQUIRE_GPU();
+  // 5000 tokens at 32 x 16: 313 key blocks, so a row spans ten 32-block chunks of the warp's scan.
+  std::vector<std::int32_t> const cu{0, 5000, 5000, 5077, 5078};
+  pqkv::sparse_config const cfg{.block_q = 32, .block_k = 16, .sink = 16, .local = 32};
+  auto const m = pqkv::make_mask_shape(cu, 4, 2, cfg);
+  REQUIRE(m.k_blocks == 313);
+  pqkv::host_tensor<std::uint32_t, 4> bits(m.batch, m.q_heads, m.q_blocks, m.words);
+  std::fill(bits.data(), bits.data() + bits.size(), 0u);
+  std::uint64_t i = 0;
+  for (index_t s = 0; s < m.batch; ++s) {
+    for (index_t h = 0; h < m.q_heads; ++h) {
+      for (index_t qb = 0; qb < m.q_blocks; ++qb) {
+        double const u = pqkv::detail::random_unit(61, i++, 0);
+        double const density = u < 0.2 ? 0.0 : u < 0.6 ? 0.02 : 0.3;  // empty, sparse and dense rows
+        for (index_t kb = 0; kb < m.k_blocks; ++kb) {
+          if (pqkv::detail::random_unit(61, i++, 1) < density) {
+            bits.view()(s, h, qb, kb / 32) |= std::uint32_t{1} << (kb % 32);
+          }
+        }
+      }
+    }
+  }
+  // Hand-placed rows: one block deep in the row; blocks astride a chunk boundary; the last block only.
+  for (index_t w = 0; w < m.words; ++w) {
+    bits.view()(0, 0, 0, w) = 0u;
+    bits.view()(0, 0, 1, w) = 0u;
+    bits.view()(0, 0, 2, w) = 0u;
+  }
+  bits.view()(0, 0, 0, 200 / 32) = std::uint32_t{1} << (200 % 32);
+  bits.view()(0, 0, 1, 0) = 1u << 31;
+  bits.view()(0, 0, 1, 1) = 1u;
+  bits.view()(0, 0, 2, 312 / 32) = std::uint32_t{1} << (312 % 32);
+  auto const dbits = upload(bits.storage());
+  auto const dview = pqkv::as_const(pqkv::make_view(dbits.data(), m.batch, m.q_heads, m.q_blocks, m.words));
+  cudaStream_t stream = nullptr;
+  PQKV_CUDA_TRY(cudaStreamCreate(&stream));
+  for (auto const& [cq, ck] : std::vector<std::pair<index_t, index_t>>{{32, 16}, {64, 128}, {128, 64}, {96, 48}}) {
+    CAPTURE(cq);
+    CAPTURE(ck);
+    check_sparge_lut(bits, dview, m, cfg, cq, ck, stream);
+  }
+  // The hand-placed rows at the mask's blocks.
+  {
+    auto const b = pqkv::make_block_mask_shape(m, cfg, 32, 16);
+    pqkv::device_buffer<std::int32_t> dvalid(static_cast<std::size_t>(pqkv::sparge_valid_size(b)));
+    pqkv::device_buffer<std::int32_t> dlut(static_cast<std::size_t>(pqkv::sparge_lut_size(b)));
+    pqkv::gpu::bitmask_to_sparge_lut(dview, m, cfg, 32, 16, pqkv::make_view(dvalid.data(), b.batch, b.q_heads, b.q_blocks),
+                                     pqkv::make_view(dlut.data(), b.batch, b.q_heads, b.q_blocks, b.k_blocks), stream);
+    PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+    auto const valid = download(dvalid, 3);
+    auto const lut = download(dlut, static_cast<std::size_t>(3 * b.k_blocks));
+    auto const at = [&](index_t r, index_t j) { return lut[static_cast<std::size_t>(r * b.k_blocks + j)]; };
+    CHECK(valid == std::vector<std::int32_t>{1, 2, 1});
+    CHECK(at(0, 0) == 200);
+    CHECK(at(0, 1) == 0);
+    CHECK(at(1, 0) == 31);
+    CHECK(at(1, 1) == 1);
+    CHECK(at(1, 2) == 0);
+    CHECK(at(2, 0) == 312);
+  }
+  // Graph capture and replay into poisoned outputs gives the eager result.
+  auto const b = pqkv::make_block_mask_shape(m, cfg, 64, 128);
+  auto const nv = static_cast<std::size_t>(pqkv::sparge_valid_size(b)), nl = static_cast<std::size_t>(pqkv::sparge_lut_size(b));
+  pqkv::device_buffer<std::int32_t> ev(nv), el(nl), gv(nv), gl(nl);
+  auto convert = [&](pqkv::device_buffer<std::int32_t>& v, pqkv::device_buffer<std::int32_t>& l) {
+    pqkv::gpu::bitmask_to_sparge_lut(dview, m, cfg, 64, 128, pqkv::make_view(v.data(), b.batch, b.q_heads, b.q_blocks),
+                                     pqkv::make_view(l.data(), b.batch, b.q_heads, b.q_blocks, b.k_blocks), stream);
+  };
+  convert(ev, el);
+  PQKV_CUDA_TRY(cudaMemsetAsync(gv.data(), 0xCD, nv * 4, stream));
+  PQKV_CUDA_TRY(cudaMemsetAsync(gl.data(), 0xCD, nl * 4, stream));
+  pqkv::test::captured_graph const graph(stream, [&] { convert(gv, gl); });
+  graph.launch(stream);
+  graph.launch(stream);
+  PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
+  CHECK(download(gv, nv) == download(ev, nv));
+  CHECK(download(gl, nl) == download(el, nl));
+  PQKV_CUDA_TRY(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("gpu::bitmask_to_sparge_lut: bad inputs throw before any launch")
+{
+  PQKV_REQUIRE_GPU();
+  using pqkv::test::error_message;
+  std::vector<std::int32_t> const cu{0, 256};
+  pqkv::sparse_config const cfg{};  // 64 x 32
+  auto const m = pqkv::make_mask_shape(cu, 4, 2, cfg);
+  auto const b = pqkv::make_block_mask_shape(m, cfg, 64, 128);  // 4 x 2 consumer blocks
+  std::size_t const words = static_cast<std::size_t>(pqkv::bitmask_size(m));
+  pqkv::device_buffer<std::uint32_t> dbits(words);
+  PQKV_CUDA_TRY(cudaMemset(dbits.data(), 0xFF, words * 4));
+  auto const nv = static_cast<std::size_t>(pqkv::sparge_valid_size(b)), nl = static_cast<std::size_t>(pqkv::sparge_lut_size(b));
+  pqkv::device_buffer<std::int32_t> dvalid(nv), dlut(nl);
+  PQKV_CUDA_TRY(cudaMemset(dvalid.data(), 0xAB, nv * 4));
+  PQKV_CUDA_TRY(cudaMemset(dlut.data(), 0xAB, nl * 4));
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  auto const bm = pqkv::as_const(pqkv::make_view(dbits.data(), m.batch, m.q_heads, m.q_blocks, m.words));
+  auto const v = pqkv::make_view(dvalid.data(), b.batch, b.q_heads, b.q_blocks);
+  auto const l = pqkv::make_view(dlut.data(), b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  auto convert = [&](auto bitmask, index_t cq, index_t ck, auto valid, auto lut) {
+    return error_message([&] { pqkv::gpu::bitmask_to_sparge_lut(bitmask, m, cfg, cq, ck, valid, lut, nullptr); });
+  };
+  CHECK(convert(bm, 96, 128, v, l).find("consumer block_q=96") != std::string::npos);
+  CHECK(convert(bm, 64, 48, v, l).find("consumer block_k=48") != std::string::npos);
+  CHECK(convert(bm, 64, 64, v, l).find("lut extents (1, 4, 4, 2) differ from (1, 4, 4, 4)") != std::string::npos);
+  CHECK(convert(bm, 128, 128, v, l).find("valid_block_num extents (1, 4, 4) differ from (1, 4, 2)") !=
+        std::string::npos);
+  auto const small = pqkv::as_const(pqkv::make_view(dbits.data(), m.batch, m.q_heads, m.q_blocks - 1, m.words));
+  CHECK(convert(small, 64, 128, v, l).find("bitmask extents") != std::string::npos);
+  auto const null_lut = pqkv::make_view(static_cast<std::int32_t*>(nullptr), b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  CHECK(convert(bm, 64, 128, v, null_lut).find("valid_block_num or lut data_handle() is null") != std::string::npos);
+  std::vector<std::int32_t> host_lut(nl);  // pageable host memory: not an output a kernel may write
+  auto const hl = pqkv::make_view(host_lut.data(), b.batch, b.q_heads, b.q_blocks, b.k_blocks);
+  auto const host_msg = convert(bm, 64, 128, v, hl);
+  CHECK(host_msg.find("gpu::bitmask_to_sparge_lut") != std::string::npos);
+  CHECK(host_msg.find("lut") != std::string::npos);
+  // Nothing was launched: the poisoned outputs are untouched and no error is pending.
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  auto const after_v = download(dvalid, nv);
+  auto const after_l = download(dlut, nl);
+  CHECK(std::all_of(after_v.begin(), after_v.end(), [](std::int32_t x) { return x == static_cast<std::int32_t>(0xABABABABu); }));
+  CHECK(std::all_of(after_l.begin(), after_l.end(), [](std::int32_t x) { return x == static_cast<std::int32_t>(0xABABABABu); }));
+  CHECK(cudaGetLastError() == cudaSuccess);
 }
