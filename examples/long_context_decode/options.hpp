@@ -2,6 +2,8 @@
 #pragma once
 // Command-line options of examples/long_context_decode.
 
+#include "../common/cli.hpp"
+
 #include <pqkv/core/error.hpp>
 
 #include <cstdint>
@@ -85,22 +87,14 @@ inline void print_usage(std::FILE* f)
 }
 
 namespace detail {
-[[noreturn]] inline void bad(std::string const& msg) { throw pqkv::error("long_context_decode: " + msg); }
-
+[[noreturn]] inline void bad(std::string const& msg) { pqkv::example::bad_option("long_context_decode", msg); }
 inline long long integer(std::string_view flag, std::string const& text)
 {
-  char* end = nullptr;
-  long long const v = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || end == text.c_str() || *end != '\0') { bad(std::string(flag) + "=" + text + " is not an integer"); }
-  return v;
+  return pqkv::example::parse_integer("long_context_decode", flag, text);
 }
-
 inline double real(std::string_view flag, std::string const& text)
 {
-  char* end = nullptr;
-  double const v = std::strtod(text.c_str(), &end);
-  if (text.empty() || end == text.c_str() || *end != '\0') { bad(std::string(flag) + "=" + text + " is not a number"); }
-  return v;
+  return pqkv::example::parse_real("long_context_decode", flag, text);
 }
 
 inline std::vector<std::string> split(std::string const& s)

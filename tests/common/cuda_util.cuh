@@ -63,6 +63,19 @@ class captured_graph {
   cudaGraphExec_t exec_ = nullptr;
 };
 
+/// A non-blocking stream, destroyed with the object.
+class owned_stream {
+ public:
+  owned_stream() { PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  owned_stream(owned_stream const&) = delete;
+  owned_stream& operator=(owned_stream const&) = delete;
+  ~owned_stream() { (void)cudaStreamDestroy(stream_); }
+  [[nodiscard]] cudaStream_t get() const noexcept { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
 /// Times the work a callable issues on one stream with a pair of CUDA events.
 class event_timer {
  public:

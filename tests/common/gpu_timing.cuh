@@ -13,18 +13,7 @@
 
 namespace pqkv::bench {
 
-/// A non-blocking stream, destroyed with the object.
-class owned_stream {
- public:
-  owned_stream() { PQKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  owned_stream(owned_stream const&) = delete;
-  owned_stream& operator=(owned_stream const&) = delete;
-  ~owned_stream() { (void)cudaStreamDestroy(stream_); }
-  [[nodiscard]] cudaStream_t get() const noexcept { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
+using pqkv::test::owned_stream;
 
 /// Runs `warmup` untimed calls, then Google Benchmark's loop, each iteration's
 /// call timed with CUDA events on `timer`'s stream and reported as manual

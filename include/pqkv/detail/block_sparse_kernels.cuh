@@ -6,6 +6,7 @@
 
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/views.hpp>
+#include <pqkv/detail/strided3.cuh>
 
 #include <cuda_runtime.h>
 
@@ -28,16 +29,6 @@ constexpr std::size_t attention_smem(int dim, int dv) noexcept
   return static_cast<std::size_t>(pass_rows * dim + chunk * (dim + 1) + chunk * dv) * sizeof(float);
 }
 
-/// Read-only [heads, tokens, dim] strided device tensor, converted to float.
-template <class T>
-struct strided3 {
-  T const* p;
-  index_t s0, s1, s2;
-  __device__ __forceinline__ float operator()(index_t h, index_t t, index_t c) const
-  {
-    return to_float(p[h * s0 + t * s1 + c * s2]);
-  }
-};
 
 /// Writable float [heads, tokens, dv] strided device tensor.
 struct out3 {

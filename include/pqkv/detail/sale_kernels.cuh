@@ -55,6 +55,7 @@
 
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/views.hpp>
+#include <pqkv/detail/strided3.cuh>
 #include <pqkv/sparse/quantize.hpp>
 #include <pqkv/sparse/sale_mask.hpp>
 
@@ -66,16 +67,6 @@
 
 namespace pqkv::detail::sale_gpu {
 
-/// Element accessor of a strided [heads, tokens, dim] device view.
-template <class T>
-struct strided3 {
-  T const* p;
-  index_t s0, s1, s2;
-  __device__ __forceinline__ float operator()(index_t h, index_t t, index_t c) const
-  {
-    return to_float(p[h * s0 + t * s1 + c * s2]);
-  }
-};
 
 /// Per-sequence data computed on the device from cu_seqlens.
 struct seq_info {

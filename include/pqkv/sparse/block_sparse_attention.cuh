@@ -227,7 +227,7 @@ class block_sparse_attention {
   }
 
   template <class U>
-  static pqkv::detail::bsa_gpu::strided3<U> accessor(kv_view<U const> x)
+  static pqkv::detail::strided3<U> accessor(kv_view<U const> x)
   {
     return {x.data_handle(), x.mapping().stride(0), x.mapping().stride(1), x.mapping().stride(2)};
   }

@@ -55,7 +55,7 @@ namespace detail {
 
 /// Device strides of a kv_view as the kernels' accessor.
 template <class T>
-pqkv::detail::sale_gpu::strided3<T> accessor(kv_view<T const> x)
+pqkv::detail::strided3<T> accessor(kv_view<T const> x)
 {
   return {x.data_handle(), x.mapping().stride(0), x.mapping().stride(1), x.mapping().stride(2)};
 }

@@ -4,6 +4,7 @@
 // attention, shared by the sparse CPU tests. Written from the contract, with
 // none of the library's helpers, so a slip in either shows as a disagreement.
 
+#include <pqkv/core/dtype.hpp>
 #include <pqkv/core/host_tensor.hpp>
 #include <pqkv/core/views.hpp>
 
@@ -236,6 +237,15 @@ std::vector<double> naive_row_attention(pqkv::host_tensor<float, 3> const& q, pq
   }
   for (auto& o : out) { o = keys.empty() ? 0.0 : o / z; }
   return out;
+}
+
+/// x converted to element type T (float: unchanged).
+template <class T>
+pqkv::host_tensor<T, 3> convert(pqkv::host_tensor<float, 3> const& x)
+{
+  pqkv::host_tensor<T, 3> y(x.extent(0), x.extent(1), x.extent(2));
+  for (std::size_t i = 0; i < x.size(); ++i) { y.data()[i] = pqkv::dtype_traits<T>::from_float(x.data()[i]); }
+  return y;
 }
 
 }  // namespace pqkv::test

@@ -35,25 +35,11 @@
 namespace {
 
 using pqkv::index_t;
+using pqkv::test::convert;
 using pqkv::test::download;
 using pqkv::test::upload;
 
 constexpr float inf = std::numeric_limits<float>::infinity();
-
-/// x converted to element type T.
-template <class T>
-pqkv::host_tensor<T, 3> convert(pqkv::host_tensor<float, 3> const& x)
-{
-  pqkv::host_tensor<T, 3> y(x.extent(0), x.extent(1), x.extent(2));
-  for (std::size_t i = 0; i < x.size(); ++i) { y.data()[i] = pqkv::dtype_traits<T>::from_float(x.data()[i]); }
-  return y;
-}
-
-template <>
-pqkv::host_tensor<float, 3> convert<float>(pqkv::host_tensor<float, 3> const& x)
-{
-  return x;
-}
 
 template <class T>
 pqkv::kv_view<T const> device_kv(pqkv::device_buffer<T> const& d, index_t h, index_t t, index_t c)
