@@ -88,14 +88,6 @@ inline void print_usage(std::FILE* f)
 
 namespace detail {
 [[noreturn]] inline void bad(std::string const& msg) { pqkv::example::bad_option("long_context_decode", msg); }
-inline long long integer(std::string_view flag, std::string const& text)
-{
-  return pqkv::example::parse_integer("long_context_decode", flag, text);
-}
-inline double real(std::string_view flag, std::string const& text)
-{
-  return pqkv::example::parse_real("long_context_decode", flag, text);
-}
 
 inline std::vector<std::string> split(std::string const& s)
 {
@@ -116,69 +108,65 @@ inline std::vector<std::string> split(std::string const& s)
 inline bool parse(int argc, char** argv, options& o)
 {
   using detail::bad;
-  using detail::integer;
   bool tokens_set = false, layers_set = false, steps_set = false, k_set = false, frac_set = false;
   std::vector<budget> ks, fracs;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view const a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) { bad(std::string(a) + " needs a value"); }
-      return argv[++i];
-    };
+  pqkv::example::arg_reader args{"long_context_decode", argc, argv};
+  while (args.next()) {
+    std::string_view const a = args.flag();
     if (a == "--help" || a == "-h") {
       return false;
     } else if (a == "--tokens") {
-      o.tokens = integer(a, value());
+      o.tokens = args.integer();
       tokens_set = true;
     } else if (a == "--layers") {
-      o.layers = static_cast<int>(integer(a, value()));
+      o.layers = static_cast<int>(args.integer());
       layers_set = true;
     } else if (a == "--batch") {
       o.batches.clear();
-      for (auto const& s : detail::split(value())) {
-        long long const b = integer(a, s);
+      for (auto const& s : detail::split(args.value())) {
+        long long const b = args.integer(s);
         if (b < 1 || b > 64) { bad("--batch item " + s + " is outside [1, 64]"); }
         o.batches.push_back(static_cast<int>(b));
       }
     } else if (a == "--steps") {
-      o.steps = static_cast<int>(integer(a, value()));
+      o.steps = static_cast<int>(args.integer());
       steps_set = true;
     } else if (a == "--k") {
       k_set = true;
-      for (auto const& s : detail::split(value())) {
+      for (auto const& s : detail::split(args.value())) {
         if (s.size() > 2 && s[0] == 'n' && s[1] == '/') {
-          long long const d = integer(a, s.substr(2));
+          long long const d = args.integer(s.substr(2));
           if (d < 1) { bad("--k item " + s + ": the divisor must be >= 1"); }
           ks.push_back({0, 1.0 / static_cast<double>(d)});
         } else {
-          long long const k = integer(a, s);
+          long long const k = args.integer(s);
           if (k < 1) { bad("--k item " + s + " must be >= 1"); }
           ks.push_back({k, 0.0});
         }
       }
     } else if (a == "--k-frac") {
       frac_set = true;
-      double const f = detail::real(a, value());
+      double const f = args.real();
       if (!(f > 0.0 && f <= 1.0)) { bad("--k-frac=" + std::to_string(f) + " is outside (0, 1]"); }
       fracs.push_back({0, f});
     } else if (a == "--sink") {
-      o.sink = static_cast<int>(integer(a, value()));
+      o.sink = static_cast<int>(args.integer());
     } else if (a == "--window") {
-      o.window = static_cast<int>(integer(a, value()));
+      o.window = static_cast<int>(args.integer());
     } else if (a == "--m") {
-      o.m = static_cast<int>(integer(a, value()));
+      o.m = static_cast<int>(args.integer());
     } else if (a == "--nbits") {
-      o.nbits = static_cast<int>(integer(a, value()));
+      o.nbits = static_cast<int>(args.integer());
     } else if (a == "--cache-slots") {
-      o.cache_slots = integer(a, value());
+      o.cache_slots = args.integer();
     } else if (a == "--gpus") {
-      o.gpus = static_cast<int>(integer(a, value()));
+      o.gpus = static_cast<int>(args.integer());
     } else if (a == "--train-points") {
-      o.train_points = integer(a, value());
+      o.train_points = args.integer();
     } else if (a == "--iters") {
-      o.iters = static_cast<int>(integer(a, value()));
+      o.iters = static_cast<int>(args.integer());
     } else if (a == "--seed") {
-      o.seed = static_cast<std::uint64_t>(integer(a, value()));
+      o.seed = static_cast<std::uint64_t>(args.integer());
     } else if (a == "--check") {
       o.check = true;
       o.check_set = true;
@@ -186,7 +174,7 @@ inline bool parse(int argc, char** argv, options& o)
       o.check = false;
       o.check_set = true;
     } else if (a == "--check-steps") {
-      o.check_steps = static_cast<int>(integer(a, value()));
+      o.check_steps = static_cast<int>(args.integer());
     } else if (a == "--no-graph") {
       o.graph = false;
     } else if (a == "--quick") {

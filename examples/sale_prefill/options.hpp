@@ -52,14 +52,6 @@ inline void print_usage(std::FILE* f)
 
 namespace detail {
 [[noreturn]] inline void bad(std::string const& msg) { pqkv::example::bad_option("sale_prefill", msg); }
-inline long long integer(std::string_view flag, std::string const& text)
-{
-  return pqkv::example::parse_integer("sale_prefill", flag, text);
-}
-inline double real(std::string_view flag, std::string const& text)
-{
-  return pqkv::example::parse_real("sale_prefill", flag, text);
-}
 }  // namespace detail
 
 /// Parses argv; throws `pqkv::error` with a clear message on a bad flag or
@@ -67,37 +59,32 @@ inline double real(std::string_view flag, std::string const& text)
 inline bool parse(int argc, char** argv, options& o)
 {
   using detail::bad;
-  using detail::integer;
-  using detail::real;
   bool tokens_set = false, calib_set = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view const a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) { bad(std::string(a) + " needs a value"); }
-      return argv[++i];
-    };
+  pqkv::example::arg_reader args{"sale_prefill", argc, argv};
+  while (args.next()) {
+    std::string_view const a = args.flag();
     if (a == "--help" || a == "-h") {
       return false;
     } else if (a == "--tokens") {
-      o.tokens = integer(a, value());
+      o.tokens = args.integer();
       tokens_set = true;
     } else if (a == "--calib-tokens") {
-      o.calib_tokens = integer(a, value());
+      o.calib_tokens = args.integer();
       calib_set = true;
     } else if (a == "--theta") {
-      o.theta = real(a, value());
+      o.theta = args.real();
     } else if (a == "--needle-frac") {
-      o.needle_frac = real(a, value());
+      o.needle_frac = args.real();
     } else if (a == "--needles") {
-      o.needles = integer(a, value());
+      o.needles = args.integer();
     } else if (a == "--query-span") {
-      o.query_span = integer(a, value());
+      o.query_span = args.integer();
     } else if (a == "--needle-share") {
-      o.needle_share = real(a, value());
+      o.needle_share = args.real();
     } else if (a == "--reps") {
-      o.reps = static_cast<int>(integer(a, value()));
+      o.reps = static_cast<int>(args.integer());
     } else if (a == "--seed") {
-      o.seed = static_cast<std::uint64_t>(integer(a, value()));
+      o.seed = static_cast<std::uint64_t>(args.integer());
     } else if (a == "--check") {
       o.check = true;
     } else if (a == "--quick") {
