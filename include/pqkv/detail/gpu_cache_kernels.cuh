@@ -168,9 +168,10 @@ __device__ int compact_in_order(int n, Pred pred, Emit emit, shared_scratch& sh)
 /// all (it may be wider), when the caller has them (count < 0: the select
 /// reduces them itself).
 ///
-/// Steps: one reduction for the candidates' count and key range; a radix
-/// select of the threshold key T, 8 bits a pass from the highest bit where
-/// the keys still in play differ (each pass narrows their range first),
+/// Steps: the candidates' count and key range (one reduction, unless
+/// `known` gives them); a radix select of the threshold key T, 8 bits a pass
+/// from the highest bit where the keys still in play differ (each pass
+/// narrows their range first),
 /// stopping early once the chosen bucket is taken whole; one ordered
 /// compaction of the keys below T and the first keys equal to T; then the
 /// order: up to rank_sort_max pairs rank each against the others, up to a
