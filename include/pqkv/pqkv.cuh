@@ -12,9 +12,11 @@
 #include <pqkv/attend/merge_state.cuh>
 #include <pqkv/cache/gpu_cache.cuh>
 #include <pqkv/codebook/kmeans.cuh>
+#include <pqkv/codebook/residual.cuh>
 #include <pqkv/decode/residual_reconstruct.cuh>
 #include <pqkv/encode/encode.cuh>
 #include <pqkv/encode/residual.cuh>
+#include <pqkv/encode/residual_window.cuh>
 #include <pqkv/offload/gather.cuh>
 #include <pqkv/offload/kv_store.cuh>
 #include <pqkv/schedule/device_guard.cuh>

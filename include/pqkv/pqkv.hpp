@@ -18,6 +18,7 @@
 #include <pqkv/decode/reconstruct.hpp>
 #include <pqkv/decode/residual_reconstruct.hpp>
 #include <pqkv/encode/residual.hpp>
+#include <pqkv/encode/residual_window.hpp>
 
 #include <pqkv/score/adc_topk.hpp>
 #include <pqkv/score/page_list.hpp>
@@ -25,6 +26,7 @@
 #include <pqkv/score/exact.hpp>
 #include <pqkv/score/gqa.hpp>
 #include <pqkv/score/lut.hpp>
+#include <pqkv/score/residual_scorer.hpp>
 #include <pqkv/score/topk.hpp>
 
 #include <pqkv/attend/code_attention.hpp>

@@ -35,6 +35,7 @@
 #include <pqkv/core/parallel.hpp>
 #include <pqkv/core/views.hpp>
 #include <pqkv/encode/residual.hpp>
+#include <pqkv/score/lut.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -62,6 +63,39 @@ inline constexpr index_t code_attention_tile = 64;
 {
   return value_cfg.codes_per_row() * value_cfg.ksub() * index_t{sizeof(float)};
 }
+
+namespace detail::rq {
+
+/// Step 2 of the contract for q head h: lut[n * ksub + c] for code n = s *
+/// stages + st and codeword c of codebook head hc, each entry `lut_entry`'s fma
+/// chain (score/lut.hpp) over the split's permuted query channels. qp is
+/// scratch [dim] (it receives the permuted query); lut is [splits * stages, ksub].
+/// Shared with `cpu::rq_scorer`, so scorer and attention see the same logits.
+inline void key_lut(query_view<float const> q, index_t h, rq_config const& cfg,
+                    rq_centroids_view<float const> centroids, index_t hc, float* qp, float* lut)
+{
+  index_t const dim = cfg.dim, stages = cfg.stages, ksub = cfg.ksub(), dsub = cfg.dsub();
+  for (index_t i = 0; i < dim; ++i) { qp[i] = q(h, cfg.channel(i)); }
+  for (index_t s = 0; s < cfg.splits; ++s) {
+    for (index_t st = 0; st < stages; ++st) {
+      float* row = lut + (s * stages + st) * ksub;
+      for (index_t c = 0; c < ksub; ++c) { row[c] = lut_entry(qp + s * dsub, &centroids(hc, s, st, c, 0), dsub); }
+    }
+  }
+}
+
+/// Step 3 of the contract for one token: `a = 0.f; a += lut[n][row[n]]` over
+/// the n_codes codes ascending, then `scale * a` (each operation rounded).
+template <class Code>
+[[nodiscard]] inline float key_logit(float const* lut, Code const* row, index_t n_codes, index_t ksub,
+                                     float scale) noexcept
+{
+  float a = 0.f;
+  for (index_t n = 0; n < n_codes; ++n) { a += lut[n * ksub + row[n]]; }
+  return scale * a;
+}
+
+}  // namespace detail::rq
 
 namespace cpu {
 
@@ -129,8 +163,7 @@ void code_attention(query_view<float const> q,                     // [q_heads, 
   float const sc = pqkv::detail::attention_scale(scale, dim, where);
 
   index_t const r = q_heads / kv_heads;
-  index_t const nk = key_cfg.codes_per_row(), ksub_k = key_cfg.ksub(), dsub_k = key_cfg.dsub();
-  index_t const stages_k = key_cfg.stages;
+  index_t const nk = key_cfg.codes_per_row(), ksub_k = key_cfg.ksub();
   index_t const nv = value_cfg.codes_per_row(), ksub_v = value_cfg.ksub(), dsub_v = value_cfg.dsub();
   index_t const stages_v = value_cfg.stages;
   parallel_for(q_heads, [&](index_t h) {
@@ -142,19 +175,8 @@ void code_attention(query_view<float const> q,                     // [q_heads, 
       return;
     }
     std::vector<float> qp(static_cast<std::size_t>(dim));
-    for (index_t i = 0; i < dim; ++i) { qp[static_cast<std::size_t>(i)] = q(h, key_cfg.channel(i)); }
     std::vector<float> lut(static_cast<std::size_t>(nk * ksub_k));  // [splits * stages, ksub]
-    for (index_t s = 0; s < key_cfg.splits; ++s) {
-      for (index_t st = 0; st < stages_k; ++st) {
-        float* row = lut.data() + (s * stages_k + st) * ksub_k;
-        for (index_t c = 0; c < ksub_k; ++c) {
-          float const* cw = &key_centroids(hk, s, st, c, 0);
-          float a = 0.f;
-          for (index_t i = 0; i < dsub_k; ++i) { a = std::fma(qp[static_cast<std::size_t>(s * dsub_k + i)], cw[i], a); }
-          row[c] = a;
-        }
-      }
-    }
+    pqkv::detail::rq::key_lut(q, h, key_cfg, key_centroids, hk, qp.data(), lut.data());
     std::vector<float> hist(static_cast<std::size_t>(nv * ksub_v), 0.f);  // [splits * stages, ksub]
     float m = -std::numeric_limits<float>::infinity(), l = 0.f;
     float logits[code_attention_tile];
@@ -162,9 +184,7 @@ void code_attention(query_view<float const> q,                     // [q_heads, 
       index_t const cnt = std::min(code_attention_tile, length - t0);
       float m_tile = -std::numeric_limits<float>::infinity();
       for (index_t k = 0; k < cnt; ++k) {
-        float a = 0.f;
-        for (index_t n = 0; n < nk; ++n) { a += lut[static_cast<std::size_t>(n * ksub_k + kc(g, t0 + k, n))]; }
-        logits[k] = sc * a;
+        logits[k] = pqkv::detail::rq::key_logit(lut.data(), &kc(g, t0 + k, 0), nk, ksub_k, sc);
         m_tile = std::max(m_tile, logits[k]);
       }
       float const m_new = std::max(m, m_tile);

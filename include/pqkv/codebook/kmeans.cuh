@@ -152,7 +152,34 @@ struct layout {
   }
 };
 
+/// The host report of one call from what it left on the device, read back:
+/// its header, per-problem objective histories [problems][hdr.max_iter + 1],
+/// iteration counts and still-active flags.
+inline kmeans_report assemble_report(pqkv::detail::kmeans_gpu::header const& hdr, index_t problems,
+                                     std::span<double const> hist, std::span<int const> iters,
+                                     std::span<int const> active)
+{
+  kmeans_report r;
+  r.converged = true;
+  for (index_t p = 0; p < problems; ++p) {
+    r.iterations = std::max(r.iterations, iters[static_cast<std::size_t>(p)]);
+    if (active[static_cast<std::size_t>(p)] != 0 && hdr.small == 0) { r.converged = false; }
+  }
+  r.objective.assign(static_cast<std::size_t>(r.iterations) + 1, 0.0);
+  for (index_t p = 0; p < problems; ++p) {
+    double const* h = hist.data() + p * (hdr.max_iter + 1);
+    int const last = iters[static_cast<std::size_t>(p)];
+    for (std::size_t i = 0; i < r.objective.size(); ++i) {
+      r.objective[i] += h[std::min<std::size_t>(i, static_cast<std::size_t>(last))];
+    }
+  }
+  for (auto& v : r.objective) { v /= static_cast<double>(hdr.heads * hdr.n); }
+  r.mse = r.objective.back();
+  return r;
+}
+
 }  // namespace detail_kmeans
+
 
 /// Bytes of workspace a `kmeans_trainer` call on keys [heads, tokens, dim] needs.
 [[nodiscard]] inline std::size_t kmeans_workspace_size(pq_config const& cfg, index_t heads, index_t tokens)
@@ -270,23 +297,7 @@ class kmeans_trainer {
     PQKV_CUDA_TRY(cudaMemcpyAsync(active.data(), workspace.data() + l.active, active.size() * sizeof(int),
                                   cudaMemcpyDeviceToHost, stream));
     PQKV_CUDA_TRY(cudaStreamSynchronize(stream));
-    kmeans_report r;
-    r.converged = true;
-    for (index_t p = 0; p < problems; ++p) {
-      r.iterations = std::max(r.iterations, iters[static_cast<std::size_t>(p)]);
-      if (active[static_cast<std::size_t>(p)] != 0 && hdr.small == 0) { r.converged = false; }
-    }
-    r.objective.assign(static_cast<std::size_t>(r.iterations) + 1, 0.0);
-    for (index_t p = 0; p < problems; ++p) {
-      double const* h = hist.data() + p * (hdr.max_iter + 1);
-      int const last = iters[static_cast<std::size_t>(p)];
-      for (std::size_t i = 0; i < r.objective.size(); ++i) {
-        r.objective[i] += h[std::min<std::size_t>(i, static_cast<std::size_t>(last))];
-      }
-    }
-    for (auto& v : r.objective) { v /= static_cast<double>(hdr.heads * hdr.n); }
-    r.mse = r.objective.back();
-    return r;
+    return detail_kmeans::assemble_report(hdr, problems, hist, iters, active);
   }
 
  private:

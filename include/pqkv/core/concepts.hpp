@@ -40,7 +40,7 @@ concept Encoder = requires(E const& e, kv_view<Key const> keys, centroids_view<f
 /// from queries [q_heads, dim] it writes token indices [kv_heads, k], ascending,
 /// -1 padded. The scorer owns (or views) its key representation, PQ codes or
 /// any other (exact keys, scalar-quantized keys), so non-PQ scorers fit too.
-/// Models: `cpu::pq_scorer`, `cpu::exact_scorer`.
+/// Models: `cpu::pq_scorer`, `cpu::exact_scorer`, `cpu::rq_scorer`.
 template <class S, class... Exec>
 concept KeyScorer = requires(S& s, query_view<float const> queries, selection_view<std::int32_t> selection,
                              Exec... exec) {
