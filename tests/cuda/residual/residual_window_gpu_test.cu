@@ -4,8 +4,11 @@
 // length and coded count follow rq_window_shape::coded_count, the key and
 // value codes equal the CPU encoder's codes of the coded rows bit for bit
 // (uint8 and uint16 codes), and the sink and ring rows are the stored rows;
-// appends past capacity write nothing and are counted; bad inputs throw
-// before any launch.
+// appends past capacity write nothing and are counted; a 512-step decode
+// (append, then gpu::code_attention over the codes) replayed from one graph
+// matches the CPU code attention; bad inputs throw before any launch.
+#include <pqkv/attend/code_attention.cuh>
+#include <pqkv/attend/code_attention.hpp>
 #include <pqkv/codebook/residual.hpp>
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/host_tensor.hpp>
@@ -21,6 +24,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -66,6 +70,15 @@ T read_one(std::span<T const> device_value)
   T v{};
   PQKV_CUDA_TRY(cudaMemcpy(&v, device_value.data(), sizeof(T), cudaMemcpyDeviceToHost));
   return v;
+}
+
+/// A device code view, copied into a host tensor of the same shape.
+template <class Code>
+pqkv::host_tensor<Code, 3> download_codes(pqkv::view<Code const, 3> v)
+{
+  pqkv::host_tensor<Code, 3> h(v.extent(0), v.extent(1), v.extent(2));
+  PQKV_CUDA_TRY(cudaMemcpy(h.data(), v.data_handle(), h.size() * sizeof(Code), cudaMemcpyDeviceToHost));
+  return h;
 }
 
 /// A layer's test data and the window under test.
@@ -233,6 +246,68 @@ TEST_CASE("gpu rq_window: one captured step replayed as the sequence grows")
     PQKV_CUDA_TRY(cudaStreamSynchronize(stream.get()));
     f.verify(n);
   }
+}
+
+TEST_CASE("gpu rq_window: a 512-step decode from one graph: append, then attention read from the codes")
+{
+  PQKV_REQUIRE_GPU();
+  auto const kcfg = make_cfg(32, 2, 3, 5), vcfg = make_cfg(32, 1, 2, 6);
+  auto shape = make_shape(8, 600);
+  shape.local = 32;
+  index_t const prefill = 40, steps = 512, q_heads = 4, heads = shape.kv_heads, dim = shape.dim;
+  fixture<std::uint8_t, std::uint8_t> f{shape, kcfg, vcfg, prefill + steps};
+  pqkv::test::owned_stream const stream;
+  f.window.prefill(f.rows(f.dk.data(), 0, prefill), f.rows(f.dv.data(), 0, prefill), stream.get());
+  pqkv::gpu::code_attention const attention{kcfg, vcfg, q_heads, heads, {shape.code_rows()}};
+  pqkv::device_buffer<std::byte> ws(attention.workspace_bytes());
+  pqkv::device_buffer<half> in_k(static_cast<std::size_t>(heads * dim)), in_v(in_k.size());
+  pqkv::device_buffer<float> q(static_cast<std::size_t>(q_heads * dim)), out(q.size()), lse(q_heads);
+  auto const kc = f.rq(f.dkc.data(), kcfg, 1), vc = f.rq(f.dvc.data(), vcfg, heads);
+  pqkv::test::captured_graph const graph{stream.get(), [&] {
+    f.window.append(pqkv::make_view<half const>(in_k.data(), heads, 1, dim),
+                    pqkv::make_view<half const>(in_v.data(), heads, 1, dim), stream.get());
+    attention(pqkv::make_strided_view<float const, 2>(q.data(), {q_heads, dim}, {dim, 1}), kc, f.window.key_codes(),
+              vc, f.window.value_codes(), f.window.coded(), pqkv::make_view(out.data(), q_heads, dim),
+              std::span<float>{lse.data(), lse.size()}, std::span<std::byte>{ws.data(), ws.size()}, stream.get());
+  }};
+  std::vector<float> hq(q.size());
+  std::size_t const row = dim * sizeof(half), pitch = static_cast<std::size_t>(f.tokens) * row;
+  for (index_t s = 0; s < steps; ++s) {
+    index_t const n = prefill + s;
+    for (std::size_t i = 0; i < hq.size(); ++i) { hq[i] = noise(100 + static_cast<std::uint64_t>(s), i); }
+    PQKV_CUDA_TRY(cudaMemcpyAsync(q.data(), hq.data(), q.size_bytes(), cudaMemcpyHostToDevice, stream.get()));
+    PQKV_CUDA_TRY(cudaMemcpy2DAsync(in_k.data(), row, f.dk.data() + n * dim, pitch, row, static_cast<std::size_t>(heads),
+                                    cudaMemcpyDeviceToDevice, stream.get()));
+    PQKV_CUDA_TRY(cudaMemcpy2DAsync(in_v.data(), row, f.dv.data() + n * dim, pitch, row, static_cast<std::size_t>(heads),
+                                    cudaMemcpyDeviceToDevice, stream.get()));
+    graph.launch(stream.get());
+    if (s != 0 && s != 100 && s != 255 && s != steps - 1) { continue; }
+    PQKV_CUDA_TRY(cudaStreamSynchronize(stream.get()));
+    CAPTURE(s);
+    index_t const coded = shape.coded_count(n + 1);
+    auto const kcodes = download_codes(f.window.key_codes()), vcodes = download_codes(f.window.value_codes());
+    std::vector<float> want(q.size()), want_lse(static_cast<std::size_t>(q_heads));
+    pqkv::cpu::code_attention(pqkv::make_strided_view<float const, 2>(hq.data(), {q_heads, dim}, {dim, 1}), kcfg,
+                              f.rq(f.hkc.data(), kcfg, 1), kcodes.const_view(), vcfg, f.rq(f.hvc.data(), vcfg, heads),
+                              vcodes.const_view(), coded, pqkv::make_view(want.data(), q_heads, dim), 0.f, want_lse);
+    auto const got = download(out, out.size()), got_lse = download(lse, lse.size());
+    for (index_t h = 0; h < q_heads; ++h) {
+      double d2 = 0, w2 = 0;
+      for (index_t i = 0; i < dim; ++i) {
+        auto const at = static_cast<std::size_t>(h * dim + i);
+        d2 += (static_cast<double>(got[at]) - want[at]) * (static_cast<double>(got[at]) - want[at]);
+        w2 += static_cast<double>(want[at]) * want[at];
+      }
+      CHECK(std::sqrt(d2) <= 1e-4 * std::sqrt(w2));
+      auto const hl = static_cast<std::size_t>(h);
+      if (std::isinf(want_lse[hl])) {  // no coded tokens yet: out = 0, lse = -inf
+        CHECK(got_lse[hl] == want_lse[hl]);
+      } else {
+        CHECK(std::abs(got_lse[hl] - want_lse[hl]) <= 1e-4 * std::max(1.f, std::abs(want_lse[hl])));
+      }
+    }
+  }
+  f.verify(prefill + steps);
 }
 
 TEST_CASE("gpu rq_window: appends past capacity write nothing and are counted")
