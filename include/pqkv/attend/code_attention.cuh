@@ -12,15 +12,23 @@
 /// - Softmax and values: the same mathematics in another float order. The
 ///   tokens are cut into chunks (one block each per KV head); a block runs
 ///   the online softmax over tiles of 512 tokens and adds exp(logit - m) into
-///   a shared-memory histogram per (value code, codeword) with atomic adds;
-///   the chunks' histograms are merged by their maxima and multiplied by the
-///   value codewords, then divided by the merged sum. `expf` (CUDA, <= 2 ulp)
-///   replaces the host's; the adds run in another and, for the histogram,
-///   run-to-run varying order.
+///   a shared-memory histogram per (value code, codeword); the chunks'
+///   histograms are merged by their maxima and multiplied by the value
+///   codewords, then divided by the merged sum. `expf` (CUDA, <= 2 ulp)
+///   replaces the host's. When the group's histogram has at most 8192
+///   entries (q heads per KV head x value codes x 2^bits; pqkv's 8 stages of
+///   8 bits at 4 q heads), each weight is rounded to a multiple of 2^-22 and
+///   added as an integer (a native shared-memory atomic, where a float add is
+///   a compare-and-swap loop; integer adds are exact in any order), and each
+///   tile's sums are folded into float registers; the result is then the same
+///   bits run to run. Larger histograms use float atomic adds, whose order
+///   varies run to run.
 /// Tolerance (asserted by the tests): per q head, ||out_gpu - out_cpu|| /
 /// ||out_cpu|| <= 1e-4 and |lse_gpu - lse_cpu| <= 1e-4 * max(1, |lse_cpu|);
 /// the float error of either against exact attention on the reconstructed K,
-/// V is about 1e-6. Not bitwise deterministic across runs (histogram atomics).
+/// V is about 1e-6 (the integer histogram adds at most 2^-23 per token to a
+/// weight, relative to the largest weight, 1). Not bitwise deterministic
+/// across runs on the float-histogram path.
 /// length == 0 gives out = 0 and lse = -inf, as the CPU.
 ///
 /// Where the LUT lives: the group's LUT [splits * stages, 2^bits, q heads of

@@ -639,6 +639,20 @@ __device__ __forceinline__ float warp_sum(float v)
   return v;
 }
 
+/// The scan's integer histogram: each token's value weight p = exp(logit - m)
+/// <= 1 is rounded to a multiple of 2^-22 and added as an integer (a native
+/// shared-memory atomic, where a float add is a compare-and-swap loop), so a
+/// tile of 512 tokens adds at most 2^31 to an entry. After each tile every
+/// thread folds its entries into float registers (rescaled with the running
+/// maximum) and clears them.
+inline constexpr float int_hist_scale = 4194304.f;  // 2^22
+inline constexpr int int_hist_per_thread = 32;     ///< register entries per thread
+/// Whether a histogram of `entries` floats (group x nv x ksub_v) takes the integer path.
+[[nodiscard]] constexpr bool int_hist_fits(std::size_t entries) noexcept
+{
+  return entries <= static_cast<std::size_t>(int_hist_per_thread) * attn_threads;
+}
+
 /// Dynamic shared memory of the scan kernel: hist [group][nv][ksub_v], then
 /// (when it lives there) the group's LUT [nk][ksub_k][group].
 [[nodiscard]] inline std::size_t scan_smem_bytes(int group, int nv, int ksub_v, int nk, int ksub_k, bool lut) noexcept
@@ -650,7 +664,8 @@ __device__ __forceinline__ float warp_sum(float v)
 /// grid (chunks, kv_heads). Tokens [b * chunk, (b + 1) * chunk) of KV head g
 /// below the length: the chunk's max m and sum l of exp(logit - m) per q head
 /// of the group, and its histogram of exp(logit - m) per value codeword.
-template <class KCode, class VCode>
+/// IntHist: the integer histogram above (`int_hist_fits`); else float atomics.
+template <class KCode, class VCode, bool IntHist>
 __global__ void __launch_bounds__(attn_threads) scan_kernel(attn_args<KCode, VCode> const a)
 {
   extern __shared__ __align__(16) float smem[];
@@ -670,6 +685,10 @@ __global__ void __launch_bounds__(attn_threads) scan_kernel(attn_args<KCode, VCo
   }
   int const hist_n = group * nv * ksub_v;
   float* const hist = smem;
+  auto* const ihist = reinterpret_cast<unsigned*>(smem);  // the integer path's histogram (the same bytes)
+  float facc[IntHist ? int_hist_per_thread : 1];         // entries tid + i * attn_threads, integer path
+#pragma unroll
+  for (int i = 0; i < (IntHist ? int_hist_per_thread : 1); ++i) { facc[i] = 0.f; }
   float const* lut = a.lut + static_cast<std::size_t>(g) * nk * ksub_k * group;
   if (a.lut_in_smem != 0) {
     float* const l = smem + hist_n;
@@ -753,7 +772,26 @@ __global__ void __launch_bounds__(attn_threads) scan_kernel(attn_args<KCode, VCo
       m[q] = mn;
     }
     __syncthreads();  // red is rewritten by the next tile
-    if (rescale) {  // the same decision in every thread
+    if constexpr (IntHist) {
+      // Fold the previous tile's integer adds (relative to the old maximum)
+      // into the registers, rescale to the new maximum, clear the entries.
+      int const per_q = nv * ksub_v;
+#pragma unroll
+      for (int i = 0; i < int_hist_per_thread; ++i) {
+        int const e = tid + i * attn_threads;
+        if (e < hist_n) {
+          int const q = e / per_q;
+          float al = 1.f;
+#pragma unroll
+          for (int qq = 0; qq < max_group; ++qq) {
+            if (qq == q) { al = alpha[qq]; }
+          }
+          facc[i] = __fmul_rn(__fadd_rn(facc[i], __fmul_rn(static_cast<float>(ihist[e]), 1.f / int_hist_scale)), al);
+          ihist[e] = 0u;
+        }
+      }
+      __syncthreads();
+    } else if (rescale) {  // the same decision in every thread
       for (int e = tid; e < hist_n; e += attn_threads) {
         int const q = e / (nv * ksub_v);
         float al = 1.f;
@@ -780,7 +818,14 @@ __global__ void __launch_bounds__(attn_threads) scan_kernel(attn_args<KCode, VCo
         float* const hrow = hist + static_cast<std::size_t>(n) * ksub_v + (static_cast<unsigned>(row[n]) & vmask);
 #pragma unroll
         for (int q = 0; q < max_group; ++q) {
-          if (q < group) { atomicAdd(hrow + static_cast<std::size_t>(q) * nv * ksub_v, pr[q]); }
+          if (q < group) {
+            if constexpr (IntHist) {
+              atomicAdd(reinterpret_cast<unsigned*>(hrow + static_cast<std::size_t>(q) * nv * ksub_v),
+                        __float2uint_rn(pr[q] * int_hist_scale));
+            } else {
+              atomicAdd(hrow + static_cast<std::size_t>(q) * nv * ksub_v, pr[q]);
+            }
+          }
         }
       }
     }
@@ -803,7 +848,15 @@ __global__ void __launch_bounds__(attn_threads) scan_kernel(attn_args<KCode, VCo
     ml[2 * tid + 1] = l;
   }
   float* const out = a.hist + (static_cast<std::size_t>(g) * a.chunks + b) * hist_n;
-  for (int e = tid; e < hist_n; e += attn_threads) { out[e] = hist[e]; }
+  if constexpr (IntHist) {  // the last tile's adds are done (the barrier above)
+#pragma unroll
+    for (int i = 0; i < int_hist_per_thread; ++i) {
+      int const e = tid + i * attn_threads;
+      if (e < hist_n) { out[e] = __fadd_rn(facc[i], __fmul_rn(static_cast<float>(ihist[e]), 1.f / int_hist_scale)); }
+    }
+  } else {
+    for (int e = tid; e < hist_n; e += attn_threads) { out[e] = hist[e]; }
+  }
 }
 
 /// Dynamic shared memory of the value kernel: f [group][chunks], w [group][slice],
@@ -848,12 +901,14 @@ __global__ void __launch_bounds__(attn_threads) value_kernel(attn_args<KCode, VC
   float const* const hist = a.hist + static_cast<std::size_t>(g) * chunks * hist_n;
   for (int e = tid; e < group * len; e += attn_threads) {
     int const q = e / len, k = e % len;
+    float const* const hq = hist + (static_cast<std::size_t>(q) * a.nv + s * a.stages_v) * ksub_v + k0 + k;
     float acc = 0.f;
+#pragma unroll 8
     for (int b = 0; b < chunks; ++b) {
-      float const fb = f[q * chunks + b];
-      if (fb != 0.f) {  // chunks past the length never wrote their histogram
-        acc = fmaf(fb, hist[b * hist_n + (static_cast<std::size_t>(q) * a.nv + s * a.stages_v) * ksub_v + k0 + k], acc);
-      }
+      // Loaded whatever f is (so the loads pipeline); chunks past the length
+      // never wrote their histogram, so their (any) bits are not used.
+      float const fb = f[q * chunks + b], hv = hq[b * hist_n];
+      acc = fb != 0.f ? fmaf(fb, hv, acc) : acc;
     }
     w[q * a.slice + k] = acc;
   }
@@ -865,6 +920,7 @@ __global__ void __launch_bounds__(attn_threads) value_kernel(attn_args<KCode, VC
   if (part < parts) {
     float const* const cv = a.vcent + ((static_cast<std::size_t>(a.vshared ? 0 : g) * a.splits_v + s) * per_split +
                                        k0) * dsub_v + i;
+#pragma unroll 8
     for (int k = part; k < len; k += parts) {
       float const c = cv[static_cast<std::size_t>(k) * dsub_v];
 #pragma unroll
@@ -930,7 +986,9 @@ void prepare_attention(std::size_t lut_smem, std::size_t scan_smem, std::size_t 
 {
   PQKV_CUDA_TRY(cudaFuncSetAttribute(lut_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(lut_smem)));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(scan_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(scan_kernel<KCode, VCode, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(scan_smem)));
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(scan_kernel<KCode, VCode, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(scan_smem)));
   PQKV_CUDA_TRY(cudaFuncSetAttribute(value_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(value_smem)));
@@ -944,8 +1002,12 @@ void launch_attention(attn_args<KCode, VCode> const& a, int key_cb_heads, std::s
                       static_cast<unsigned>(a.nk), static_cast<unsigned>(key_cb_heads));
   lut_kernel<KCode, VCode><<<lut_grid, attn_threads, lut_smem, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
-  scan_kernel<KCode, VCode><<<dim3(static_cast<unsigned>(a.chunks), static_cast<unsigned>(a.kv_heads)), attn_threads,
-                              scan_smem, stream>>>(a);
+  dim3 const scan_grid(static_cast<unsigned>(a.chunks), static_cast<unsigned>(a.kv_heads));
+  if (int_hist_fits(static_cast<std::size_t>(a.group) * a.nv * a.ksub_v)) {
+    scan_kernel<KCode, VCode, true><<<scan_grid, attn_threads, scan_smem, stream>>>(a);
+  } else {
+    scan_kernel<KCode, VCode, false><<<scan_grid, attn_threads, scan_smem, stream>>>(a);
+  }
   PQKV_CUDA_CHECK_LAST();
   value_kernel<KCode, VCode><<<dim3(static_cast<unsigned>(a.slices), static_cast<unsigned>(a.splits_v),
                                     static_cast<unsigned>(a.kv_heads)),
