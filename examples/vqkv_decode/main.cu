@@ -50,7 +50,7 @@ namespace vq {
 namespace {
 
 constexpr index_t kv_heads = 8, q_per_kv = 4, q_heads = kv_heads * q_per_kv, dim = 128;
-constexpr int window_splits = 4;   // split-K of the window attention (<= 1088 rows per head)
+constexpr int window_splits = 16;  // split-K of the window attention (<= local + chunk rows per head)
 constexpr int dense_splits = 32;   // split-K of the dense reference (the whole sequence)
 
 using pqkv::test::event_timer;

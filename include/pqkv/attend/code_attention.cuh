@@ -102,8 +102,9 @@ class code_attention {
  public:
   /// Validates both configs (dsub in {4, .., 128}), q_heads a multiple of
   /// kv_heads with at most 8 q heads per KV head, the limits, the scale, and
-  /// that the value histogram fits in shared memory; raises the kernels'
-  /// shared-memory limits on the current device (calls must run there).
+  /// that the value histogram fits in shared memory on the current device
+  /// (calls must run there; each call raises its kernels' shared-memory
+  /// limits, a host-side call allowed during capture).
   /// `scale` 0 means 1/sqrt(key dim), as the CPU.
   code_attention(rq_config key_cfg, rq_config value_cfg, index_t q_heads, index_t kv_heads,
                  code_attention_limits const& limits = {}, float scale = 0.f)
@@ -158,10 +159,6 @@ class code_attention {
                  budget);
     PQKV_EXPECTS(lut_smem_ <= budget, where, "the LUT kernel needs ", lut_smem_, " bytes of shared memory (q_heads=",
                  q_heads_, "); the device allows ", budget);
-    kern::prepare_attention<std::uint8_t, std::uint8_t>(lut_smem_, scan_smem_, value_smem_);
-    kern::prepare_attention<std::uint8_t, std::uint16_t>(lut_smem_, scan_smem_, value_smem_);
-    kern::prepare_attention<std::uint16_t, std::uint8_t>(lut_smem_, scan_smem_, value_smem_);
-    kern::prepare_attention<std::uint16_t, std::uint16_t>(lut_smem_, scan_smem_, value_smem_);
 
     auto align = [](std::size_t floats) { return (floats + 63) / 64 * 64; };  // 256-byte sections
     layout_.lut = 0;

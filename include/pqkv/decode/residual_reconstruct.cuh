@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-/// @file `pqkv::gpu::rq_reconstruct`, `pqkv::gpu::rq_reconstruct_indices`:
-/// residual codes back to float, half or bf16 K or V rows on the GPU, for a
-/// token range or for the scorer's -1-padded index lists (the
+/// @file `pqkv::gpu::rq_reconstruct`, `pqkv::gpu::rq_reconstruct_indices`,
+/// `pqkv::gpu::rq_reconstruct_paged`: residual codes back to float, half or
+/// bf16 K or V rows on the GPU, for a token range, for the scorer's -1-padded
+/// index lists, or for those lists into a paged KV cache (the
 /// dequantize-then-attend anchor).
 ///
 /// Contract: that of `pqkv::cpu::rq_reconstruct` (decode/residual_reconstruct.hpp),
@@ -13,8 +14,10 @@
 /// Memory and ordering: device views in and out; one launch on `stream`, no
 /// allocation, no synchronization, graph-capturable. Not checked (device
 /// memory): codes < 2^bits (a larger code is read modulo 2^bits), index
-/// entries in [-1, tokens) (others give a zero row, as -1 does), finite
-/// centroids. Every shape, null and host pointer is checked before the launch.
+/// entries in [-1, tokens) (others give a zero row, as -1 does; the paged
+/// call skips them, and skips tokens whose logical page is past the block
+/// table or maps outside [0, num_pages)), finite centroids. Every shape, null
+/// and host pointer is checked before the launch.
 
 #include <pqkv/codebook/residual.hpp>
 #include <pqkv/core/cuda_try.hpp>
@@ -28,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <span>
 #include <type_traits>
 
 namespace pqkv::detail::rq_gpu {
@@ -39,8 +43,10 @@ struct reconstruct_args {
   float const* centroids;  // [1|heads, splits, stages, ksub, dsub]
   Code const* codes;       // [heads, tokens, splits * stages]
   std::int32_t const* indices;  // [heads, count] or null (then rows first + j)
-  Out* out;                // [heads, count, dim], strides o0, o1, o2
+  Out* out;                // [heads, count, dim], strides o0, o1, o2; paged: the pages
   index_t o0, o1, o2;
+  std::int32_t const* block_table;  // paged calls: [table_len] physical page of each logical page
+  index_t table_len, page_size, num_pages, p0, p1;  // paged: page and slot strides (o0: head, o2: channel)
   index_t tokens, count, first;
   int heads, dim, splits, stages, ksub, dsub;
   bool shared;
@@ -61,7 +67,13 @@ __global__ void __launch_bounds__(reconstruct_threads) reconstruct_kernel(recons
   int const n = a.splits * a.stages;
   Code const* const row = a.codes + (static_cast<index_t>(h) * a.tokens + (t < 0 ? 0 : t)) * n;
   unsigned const mask = static_cast<unsigned>(a.ksub - 1);
-  Out* const o = a.out + h * a.o0 + j * a.o1;
+  Out* o = a.out + h * a.o0 + j * a.o1;
+  if (a.block_table != nullptr) {  // paged: only valid tokens on mapped pages are written
+    if (t < 0 || t / a.page_size >= a.table_len) { return; }
+    index_t const phys = a.block_table[t / a.page_size];
+    if (phys < 0 || phys >= a.num_pages) { return; }
+    o = a.out + phys * a.p0 + (t % a.page_size) * a.p1 + h * a.o0;
+  }
   for (int d = threadIdx.x; d < a.dim; d += reconstruct_threads) {
     int const s = d / a.dsub, i = d % a.dsub;
     float acc = 0.f;
@@ -77,11 +89,18 @@ __global__ void __launch_bounds__(reconstruct_threads) reconstruct_kernel(recons
   }
 }
 
-/// Validates a reconstruct call and launches it (indices null: the range path).
+/// A paged call's destination: the pages' extents and strides and the block table.
+struct paging {
+  std::int32_t const* block_table;
+  index_t table_len, page_size, num_pages, p0, p1;
+};
+
+/// Validates a reconstruct call and launches it (indices null: the range
+/// path; `pg`: the paged path, `out` then the [heads, k, dim] view of one slot).
 template <class Code, class Out>
 void reconstruct(rq_config const& cfg, rq_centroids_view<float const> centroids, view<Code const, 3> codes,
                  index_t first, std::int32_t const* indices, index_t index_rows, kv_view<Out> out,
-                 cudaStream_t stream, char const* where)
+                 cudaStream_t stream, char const* where, paging const* pg = nullptr)
 {
   namespace kern = pqkv::detail::rq_gpu;
   using pqkv::detail::gpu_check::expect_device_pointer;
@@ -109,6 +128,7 @@ void reconstruct(rq_config const& cfg, rq_centroids_view<float const> centroids,
   expect_device_pointer(out.data_handle(), where, "out.data_handle()");
   if (tokens > 0) { expect_device_pointer(codes.data_handle(), where, "codes.data_handle()"); }
   if (indices != nullptr) { expect_device_pointer(indices, where, "indices.data_handle()"); }
+  if (pg != nullptr && pg->table_len > 0) { expect_device_pointer(pg->block_table, where, "block_table.data()"); }
 
   kern::reconstruct_args<Code, Out> a{};
   a.centroids = centroids.data_handle();
@@ -118,6 +138,14 @@ void reconstruct(rq_config const& cfg, rq_centroids_view<float const> centroids,
   a.o0 = out.stride(0);
   a.o1 = out.stride(1);
   a.o2 = out.stride(2);
+  if (pg != nullptr) {
+    a.block_table = pg->block_table;
+    a.table_len = pg->table_len;
+    a.page_size = pg->page_size;
+    a.num_pages = pg->num_pages;
+    a.p0 = pg->p0;
+    a.p1 = pg->p1;
+  }
   a.tokens = tokens;
   a.count = count;
   a.first = first;
@@ -175,6 +203,43 @@ void rq_reconstruct_indices(rq_config const& cfg,
                "indices.data_handle() is null");
   pqkv::detail::rq_gpu::reconstruct(cfg, centroids, pqkv::as_const(codes), 0, indices.data_handle(), indices.extent(0),
                          kv_view<Out>{out}, stream, where);
+}
+
+/// The rows of indices [heads, k] (-1 padded) into a paged cache pages
+/// [num_pages, P, heads, dim] (float, half or bf16; any strides: HND is the
+/// same call with the strides permuted) through the sequence's block_table,
+/// all device memory: token t = indices(h, j) goes to pages(block_table[t /
+/// P], t % P, h, :), the CPU's values bit for bit (`cpu::rq_reconstruct_paged`);
+/// nothing else in the pages is written. Throws as `rq_reconstruct_indices`
+/// before the launch; index and table values are device data, not checked:
+/// entries outside their ranges are skipped.
+template <class Code, class Out, class Layout, class Accessor>
+  requires(RqCode<std::remove_const_t<Code>> && KvElement<Out> && !std::is_const_v<Out>)
+void rq_reconstruct_paged(rq_config const& cfg,
+                          rq_centroids_view<float const> centroids,    // [1|heads, splits, stages, ksub, dsub], device
+                          view<Code, 3> codes,                         // [heads, tokens, splits * stages], device
+                          selection_view<std::int32_t const> indices,  // [heads, k], -1 padded, device
+                          std::span<std::int32_t const> block_table,   // [logical pages], device
+                          ::cuda::std::mdspan<Out, extents<4>, Layout, Accessor> pages,  // [num_pages, P, heads, dim]
+                          cudaStream_t stream)
+{
+  constexpr char const* where = "gpu::rq_reconstruct_paged";
+  index_t const codes_heads = codes.extent(0);
+  PQKV_EXPECTS(pages.extent(2) == codes_heads && pages.extent(3) == cfg.dim, where, "pages extents (",
+               pages.extent(0), ", ", pages.extent(1), ", ", pages.extent(2), ", ", pages.extent(3),
+               ") differ from (num_pages, P, heads=", codes_heads, ", dim=", cfg.dim, ")");
+  PQKV_EXPECTS(pages.extent(1) > 0, where, "pages.extent(1)=", pages.extent(1), " (the page size) must be positive");
+  PQKV_EXPECTS(indices.data_handle() != nullptr || element_count(indices) == 0, where,
+               "indices.data_handle() is null");
+  PQKV_EXPECTS(block_table.data() != nullptr || block_table.empty(), where, "block_table.data() is null");
+  if (block_table.empty()) { return; }  // no page is mapped: nothing to write
+  pqkv::detail::rq_gpu::paging const pg{block_table.data(), static_cast<index_t>(block_table.size()),
+                                        pages.extent(1), pages.extent(0), pages.stride(0), pages.stride(1)};
+  // One slot's [heads, k, dim] view (the j stride unused) carries the head and channel strides.
+  auto const slot = make_strided_view<Out, 3>(pages.data_handle(), {pages.extent(2), indices.extent(1), pages.extent(3)},
+                                              {pages.stride(2), 0, pages.stride(3)});
+  pqkv::detail::rq_gpu::reconstruct(cfg, centroids, pqkv::as_const(codes), 0, indices.data_handle(), indices.extent(0),
+                                    slot, stream, where, &pg);
 }
 
 }  // namespace pqkv::gpu

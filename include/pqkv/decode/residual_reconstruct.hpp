@@ -2,7 +2,9 @@
 #pragma once
 /// @file `pqkv::cpu::rq_reconstruct`: residual codes back to float, half or
 /// bf16 K or V rows, for a token range or for a -1-padded index list, from
-/// uint8 / uint16 codes or the packed bit stream.
+/// uint8 / uint16 codes or the packed bit stream; and
+/// `pqkv::cpu::rq_reconstruct_paged`, the rows of an index list written into
+/// a paged KV cache (FlashInfer's layout) for a paged attention kernel.
 ///
 /// Contract, for row (h, t), codebook head hc (0 when shared, else h), split
 /// s, channel i < dsub, code n = s * stages + st:
@@ -10,6 +12,12 @@
 ///   `out(h, row, perm[s * dsub + i]) = from_float<Out>(acc)` (the inverse
 ///   permutation puts each channel back where it came from).
 /// Every code is checked < 2^bits before anything is written.
+///
+/// Paged: pages [num_pages, P, heads, dim] (NHD; any strides, so the HND
+/// layout [num_pages, heads, P, dim] is the same call with its strides
+/// permuted), a block table of the sequence's logical pages. Token t =
+/// indices(h, j) >= 0 is written to pages(block_table[t / P], t % P, h, :);
+/// -1 entries are skipped, and nothing else in the pages is written.
 
 #include <pqkv/codebook/residual.hpp>
 #include <pqkv/core/dtype.hpp>
@@ -18,7 +26,9 @@
 #include <pqkv/core/views.hpp>
 #include <pqkv/encode/residual.hpp>
 
+#include <cstddef>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -159,6 +169,56 @@ void reconstruct_indices(rq_config const& cfg, rq_centroids_view<float const> ce
   });
 }
 
+/// The paged write of the indices' rows (the file's contract).
+template <class Reader, class Out>
+void reconstruct_paged(rq_config const& cfg, rq_centroids_view<float const> centroids, Reader const& r,
+                       selection_view<std::int32_t const> indices, std::span<std::int32_t const> block_table,
+                       ::cuda::std::mdspan<Out, extents<4>, ::cuda::std::layout_stride> pages, char const* where)
+{
+  index_t const num_pages = pages.extent(0), page_size = pages.extent(1), k = indices.extent(1);
+  index_t const heads = r.heads(), codes_heads = heads;
+  PQKV_EXPECTS(pages.extent(2) == codes_heads && pages.extent(3) == cfg.dim, where, "pages extents (",
+               pages.extent(0), ", ", pages.extent(1), ", ", pages.extent(2), ", ", pages.extent(3),
+               ") differ from (num_pages, P, heads=", codes_heads, ", dim=", cfg.dim, ")");
+  PQKV_EXPECTS(page_size > 0, where, "pages.extent(1)=", page_size, " (the page size) must be positive");
+  // The shape checks of the other calls, on a [heads, 1, dim] view of the pages.
+  check_reconstruct(cfg, centroids, r,
+                    make_strided_view<Out, 3>(pages.data_handle(), {pages.extent(2), 1, pages.extent(3)},
+                                              {pages.stride(2), 0, pages.stride(3)}),
+                    where);
+  PQKV_EXPECTS(indices.extent(0) == heads, where, "indices.extent(0)=", indices.extent(0), ", codes.extent(0)=",
+               heads);
+  PQKV_EXPECTS(indices.data_handle() != nullptr || element_count(indices) == 0, where,
+               "indices.data_handle() is null");
+  PQKV_EXPECTS(block_table.data() != nullptr || block_table.empty(), where, "block_table.data() is null");
+  for (index_t h = 0; h < heads; ++h) {
+    for (index_t j = 0; j < k; ++j) {
+      index_t const t = indices(h, j);
+      if (t == -1) { continue; }
+      PQKV_EXPECTS(t >= 0 && t < r.tokens(), where, "indices(", h, ", ", j, ")=", t,
+                   " is neither -1 nor in [0, codes.extent(1)=", r.tokens(), ")");
+      auto const page = static_cast<std::size_t>(t / page_size);
+      PQKV_EXPECTS(page < block_table.size(), where, "indices(", h, ", ", j, ")=", t, " is on logical page ", page,
+                   ", past block_table.size()=", block_table.size());
+      index_t const phys = block_table[page];
+      PQKV_EXPECTS(phys >= 0 && phys < num_pages, where, "block_table[", page, "]=", phys,
+                   " is outside [0, pages.extent(0)=", num_pages, ")");
+    }
+  }
+  check_codes_in_range(cfg, r, [&](index_t h, index_t j) { return index_t{indices(h, j)}; }, k, where);
+  cpu::parallel_for(heads, [&](index_t h) {
+    for (index_t j = 0; j < k; ++j) {
+      index_t const t = indices(h, j);
+      if (t < 0) { continue; }
+      index_t const phys = block_table[static_cast<std::size_t>(t / page_size)];
+      // Row h of a [heads, 1, dim] view based at the token's slot.
+      auto const slot = make_strided_view<Out, 3>(&pages(phys, t % page_size, 0, 0), {heads, 1, cfg.dim},
+                                                  {pages.stride(2), 0, pages.stride(3)});
+      reconstruct_row(cfg, centroids, r, h, t, slot, 0);
+    }
+  });
+}
+
 }  // namespace detail::rq
 
 namespace cpu {
@@ -212,6 +272,27 @@ void rq_reconstruct_indices(rq_config const& cfg, rq_centroids_view<float const>
 {
   pqkv::detail::rq::reconstruct_indices(cfg, centroids, pqkv::detail::rq::packed_reader{packed.bytes}, indices,
                                         kv_view<Out>{out}, "rq_reconstruct_indices");
+}
+
+/// The rows of indices [heads, k] (-1 padded) into a paged cache pages
+/// [num_pages, P, heads, dim] (float, half or bf16; any strides) through the
+/// sequence's block_table (the file's contract). Throws before writing
+/// anything on a shape mismatch, an index neither -1 nor in [0, tokens), a
+/// token whose logical page is past the table or maps outside [0, num_pages),
+/// a null view, a code type too narrow for bits, a code >= 2^bits or a
+/// non-finite centroid.
+template <class Code, class Out, class Layout, class Accessor>
+  requires(RqCode<std::remove_const_t<Code>> && KvElement<Out> && !std::is_const_v<Out>)
+void rq_reconstruct_paged(rq_config const& cfg, rq_centroids_view<float const> centroids,
+                          view<Code, 3> codes,                         // [heads, tokens, splits * stages]
+                          selection_view<std::int32_t const> indices,  // [heads, k], -1 padded
+                          std::span<std::int32_t const> block_table,   // [logical pages]: physical page
+                          ::cuda::std::mdspan<Out, extents<4>, Layout, Accessor> pages)  // [num_pages, P, heads, dim]
+{
+  pqkv::detail::rq::code_reader<std::remove_const_t<Code>> const reader{as_const(codes)};
+  pqkv::detail::rq::reconstruct_paged(cfg, centroids, reader, indices, block_table,
+                                      ::cuda::std::mdspan<Out, extents<4>, ::cuda::std::layout_stride>{pages},
+                                      "rq_reconstruct_paged");
 }
 
 }  // namespace cpu

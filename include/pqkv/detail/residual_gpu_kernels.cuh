@@ -241,10 +241,15 @@ int greedy_occupancy(int dsub, int ksub)
   return occ > 0 ? occ : 1;
 }
 
+/// Sets the kernel's shared-memory limit at each launch (a host-side call,
+/// allowed during stream capture), so only the key types actually encoded are
+/// compiled.
 template <class Key>
 void launch_greedy(encode_args<Key> const& a, int grid_y, cudaStream_t stream)
 {
   dispatch(a.dsub, a.ksub, [&]<int D, int Tn>() {
+    PQKV_CUDA_TRY(cudaFuncSetAttribute(greedy_kernel<Key, D, Tn>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(greedy_smem_bytes(D, a.ksub))));
     greedy_kernel<Key, D, Tn><<<dim3(static_cast<unsigned>(a.heads * a.splits), static_cast<unsigned>(grid_y)),
                                 threads, greedy_smem_bytes(D, a.ksub), stream>>>(a);
     PQKV_CUDA_CHECK_LAST();
@@ -523,18 +528,14 @@ __global__ void __launch_bounds__(beam_warps * 32) beam_kernel(encode_args<Key> 
   for (int j = lane; j < stages; j += 32) { store_code(a.codes, a.code_bytes, out0 + j, code[j]); }
 }
 
-template <class Key>
-void prepare_beam(int beam, int dsub, int stages)
-{
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(beam_kernel<Key>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(beam_warps * beam_warp_bytes(beam, dsub, stages))));
-}
-
+/// Sets the kernel's shared-memory limit at each launch (see launch_greedy).
 template <class Key>
 void launch_beam(encode_args<Key> const& a, cudaStream_t stream)
 {
   index_t const items = a.heads * a.tokens * a.splits;
   index_t const blocks = (items + beam_warps - 1) / beam_warps;
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(beam_kernel<Key>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(beam_warps * beam_warp_bytes(a.beam, a.dsub, a.stages))));
   beam_kernel<Key><<<static_cast<unsigned>(blocks), beam_warps * 32,
                      beam_warps * beam_warp_bytes(a.beam, a.dsub, a.stages), stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
@@ -982,28 +983,24 @@ __global__ void __launch_bounds__(attn_threads) finalize_kernel(attn_args<KCode,
 }
 
 template <class KCode, class VCode>
-void prepare_attention(std::size_t lut_smem, std::size_t scan_smem, std::size_t value_smem)
-{
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(lut_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(lut_smem)));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(scan_kernel<KCode, VCode, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(scan_smem)));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(scan_kernel<KCode, VCode, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(scan_smem)));
-  PQKV_CUDA_TRY(cudaFuncSetAttribute(value_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(value_smem)));
-}
-
-template <class KCode, class VCode>
 void launch_attention(attn_args<KCode, VCode> const& a, int key_cb_heads, std::size_t lut_smem,
                       std::size_t scan_smem, std::size_t value_smem, cudaStream_t stream)
 {
+  // Shared-memory limits are set at each launch (host-side calls, allowed
+  // during stream capture), so only the code types actually used are compiled.
+  bool const int_hist = int_hist_fits(static_cast<std::size_t>(a.group) * a.nv * a.ksub_v);
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(lut_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(lut_smem)));
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(int_hist ? scan_kernel<KCode, VCode, true> : scan_kernel<KCode, VCode, false>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(scan_smem)));
+  PQKV_CUDA_TRY(cudaFuncSetAttribute(value_kernel<KCode, VCode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(value_smem)));
   dim3 const lut_grid(static_cast<unsigned>((a.ksub_k + lut_codewords - 1) / lut_codewords),
                       static_cast<unsigned>(a.nk), static_cast<unsigned>(key_cb_heads));
   lut_kernel<KCode, VCode><<<lut_grid, attn_threads, lut_smem, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();
   dim3 const scan_grid(static_cast<unsigned>(a.chunks), static_cast<unsigned>(a.kv_heads));
-  if (int_hist_fits(static_cast<std::size_t>(a.group) * a.nv * a.ksub_v)) {
+  if (int_hist) {
     scan_kernel<KCode, VCode, true><<<scan_grid, attn_threads, scan_smem, stream>>>(a);
   } else {
     scan_kernel<KCode, VCode, false><<<scan_grid, attn_threads, scan_smem, stream>>>(a);

@@ -86,9 +86,11 @@ struct rq_encode_tuning {
 /// cudaStream_t)`.
 class rq_encoder {
  public:
-  /// Validates `config` (and that dsub is one the kernels are built for) and
-  /// raises the kernels' shared-memory limits on the current device; throws
-  /// `pqkv::error`. Calls must run on the device that was current here.
+  /// Validates `config` (and that dsub is one the kernels are built for, and
+  /// their shared memory fits the current device); throws `pqkv::error`.
+  /// Calls must run on the device that was current here; each raises its
+  /// kernel's shared-memory limit (a host-side call, allowed during capture),
+  /// so only the key types actually encoded are compiled.
   explicit rq_encoder(rq_config config, rq_encode_tuning tuning = {}) : config_{std::move(config)}, tuning_{tuning}
   {
     constexpr char const* where = "gpu::rq_encoder";
@@ -107,26 +109,15 @@ class rq_encoder {
       PQKV_EXPECTS(kern::greedy_smem_bytes(dsub, ksub) <= static_cast<std::size_t>(optin), where, "dsub=", dsub,
                    ", ksub=", ksub, " need ", kern::greedy_smem_bytes(dsub, ksub),
                    " bytes of shared memory; the device allows ", optin);
+      // The occupancy (for the grid size) of the float kernel, whose shared
+      // memory matches the other key types'; launches set their own limits.
       kern::prepare_greedy<float>(dsub, ksub);
       slots_ = static_cast<index_t>(sms_) * kern::greedy_occupancy<float>(dsub, ksub);
-#if defined(PQKV_HAS_HALF)
-      kern::prepare_greedy<__half>(dsub, ksub);
-#endif
-#if defined(PQKV_HAS_BF16)
-      kern::prepare_greedy<__nv_bfloat16>(dsub, ksub);
-#endif
     } else {
       std::size_t const bytes =
         kern::beam_warps * kern::beam_warp_bytes(config_.beam, dsub, static_cast<int>(config_.stages));
       PQKV_EXPECTS(bytes <= static_cast<std::size_t>(optin), where, "beam=", config_.beam, ", dsub=", dsub,
                    ", stages=", config_.stages, " need ", bytes, " bytes of shared memory; the device allows ", optin);
-      kern::prepare_beam<float>(config_.beam, dsub, config_.stages);
-#if defined(PQKV_HAS_HALF)
-      kern::prepare_beam<__half>(config_.beam, dsub, config_.stages);
-#endif
-#if defined(PQKV_HAS_BF16)
-      kern::prepare_beam<__nv_bfloat16>(config_.beam, dsub, config_.stages);
-#endif
     }
   }
 

@@ -470,6 +470,73 @@ TEST_CASE("rq_reconstruct: codeword sums for 8- and 16-bit codes and the packed 
   }
 }
 
+TEST_CASE("rq_reconstruct_paged: the index lists' rows land in their pages (NHD and HND); nothing else is written")
+{
+  auto cfg = small_config(2, 3, 10, true);
+  cfg.dim = 8;
+  cfg.permutation = reversed_pairs(8);
+  index_t const heads = 2, tokens = 13, page = 4, num_pages = 6;
+  auto const c = random_centroids(cfg, heads, 41);
+  pqkv::host_tensor<std::uint16_t, 3> codes(heads, tokens, cfg.codes_per_row());
+  for (std::size_t i = 0; i < codes.size(); ++i) {
+    codes.data()[i] = static_cast<std::uint16_t>(pqkv::detail::random_below(6, 0, i, std::uint64_t{1} << cfg.bits));
+  }
+  pqkv::host_tensor<std::int32_t, 2> idx(heads, 5);
+  std::int32_t const list[2][5] = {{12, -1, 0, 5, 6}, {3, 9, -1, -1, 12}};
+  for (index_t h = 0; h < heads; ++h) {
+    for (index_t j = 0; j < 5; ++j) { idx.view()(h, j) = list[h][j]; }
+  }
+  std::vector<std::int32_t> const table = {4, 0, 5, 2};  // logical page -> physical page
+  pqkv::host_tensor<std::int32_t, 2> const& cidx = idx;
+  pqkv::host_tensor<float, 3> rows(heads, 5, cfg.dim);
+  pqkv::cpu::rq_reconstruct_indices(cfg, c.const_view(), codes.const_view(), cidx.const_view(), rows.view());
+
+  // NHD [num_pages, P, heads, dim] and HND [num_pages, heads, P, dim] seen as NHD through strides.
+  pqkv::host_tensor<__half, 4> nhd(num_pages, page, heads, cfg.dim), hnd(num_pages, heads, page, cfg.dim);
+  std::fill(nhd.storage().begin(), nhd.storage().end(), pqkv::from_float<__half>(7.f));
+  std::fill(hnd.storage().begin(), hnd.storage().end(), pqkv::from_float<__half>(7.f));
+  pqkv::cpu::rq_reconstruct_paged(cfg, c.const_view(), codes.const_view(), cidx.const_view(), table, nhd.view());
+  auto const hnd_as_nhd = pqkv::make_strided_view<__half, 4>(
+    hnd.data(), {num_pages, page, heads, cfg.dim}, {heads * page * cfg.dim, cfg.dim, page * cfg.dim, 1});
+  pqkv::cpu::rq_reconstruct_paged(cfg, c.const_view(), codes.const_view(), cidx.const_view(), table, hnd_as_nhd);
+  int bad = 0, written = 0;
+  for (index_t p = 0; p < num_pages; ++p) {
+    for (index_t slot = 0; slot < page; ++slot) {
+      for (index_t h = 0; h < heads; ++h) {
+        // The token this slot holds for head h, if one of the head's indices maps here.
+        index_t row = -1;
+        for (index_t j = 0; j < 5; ++j) {
+          index_t const t = list[h][j];
+          if (t >= 0 && table[static_cast<std::size_t>(t / page)] == p && t % page == slot) { row = j; }
+        }
+        written += row >= 0 ? 1 : 0;
+        for (index_t d = 0; d < cfg.dim; ++d) {
+          float const want = row >= 0 ? pqkv::to_float(pqkv::from_float<__half>(rows.view()(h, row, d))) : 7.f;
+          bad += pqkv::to_float(nhd.view()(p, slot, h, d)) != want;
+          bad += pqkv::to_float(hnd.view()(p, h, slot, d)) != want;
+        }
+      }
+    }
+  }
+  CHECK(bad == 0);
+  CHECK(written == 7);  // every valid index once
+
+  auto has = [](std::string const& m, char const* part) { return m.find(part) != std::string::npos; };
+  auto call = [&](std::vector<std::int32_t> const& t, auto pages) {
+    return error_message(
+      [&] { pqkv::cpu::rq_reconstruct_paged(cfg, c.const_view(), codes.const_view(), cidx.const_view(), t, pages); });
+  };
+  auto const before = nhd.storage();
+  CHECK(has(call({4, 0, 5}, nhd.view()), "indices(0, 0)=12 is on logical page 3, past block_table.size()=3"));
+  CHECK(has(call({4, 0, 6, 2}, nhd.view()), "block_table[2]=6 is outside [0, pages.extent(0)=6)"));
+  pqkv::host_tensor<__half, 4> three_heads(num_pages, page, 3, cfg.dim), no_slots(num_pages, 0, heads, cfg.dim);
+  CHECK(has(call(table, three_heads.view()), "pages extents (6, 4, 3, 8) differ from (num_pages, P, heads=2, dim=8)"));
+  CHECK(has(call(table, no_slots.view()), "pages.extent(1)=0"));
+  idx.view()(1, 2) = 13;
+  CHECK(has(call(table, nhd.view()), "indices(1, 2)=13 is neither -1 nor in [0, codes.extent(1)=13)"));
+  CHECK(nhd.storage() == before);  // nothing written by a throwing call
+}
+
 TEST_CASE("rq_trainer: residual error is non-increasing with stages and matches the encoder; deterministic")
 {
   pqkv::rq_config cfg;

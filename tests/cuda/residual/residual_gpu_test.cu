@@ -876,11 +876,68 @@ void check_reconstruct(pqkv::rq_config const& cfg, index_t heads, index_t tokens
   auto const gi = download(got_idx, got_idx.size());
   CHECK(std::memcmp(g.data(), want.data(), want.size() * sizeof(Out)) == 0);
   CHECK(std::memcmp(gi.data(), want_idx.data(), want_idx.size() * sizeof(Out)) == 0);
+
+  // Paged: the same lists into pages [num_pages, P, heads, dim] through a
+  // block table (logical page p on physical page num_pages - 1 - p); NHD, or
+  // HND seen through strides.
+  index_t const page = 8, logical = (tokens + page - 1) / page, num_pages = logical + 2;
+  std::vector<std::int32_t> table(static_cast<std::size_t>(logical));
+  for (index_t p = 0; p < logical; ++p) { table[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(num_pages - 1 - p); }
+  auto pages_view = [&](Out* p) {
+    return nhd ? pqkv::make_strided_view<Out, 4>(p, {num_pages, page, heads, dim}, {page * heads * dim, heads * dim, dim, 1})
+               : pqkv::make_strided_view<Out, 4>(p, {num_pages, page, heads, dim}, {heads * page * dim, dim, page * dim, 1});
+  };
+  auto const idx_view = [&](std::int32_t const* p) { return pqkv::make_view(p, heads, k); };
+  std::vector<Out> want_pages(static_cast<std::size_t>(num_pages * page * heads * dim), pqkv::from_float<Out>(5.f));
+  auto want_holes = want_pages;
+  pqkv::cpu::rq_reconstruct_paged(cfg, rq_view(cent.data(), cfg, cbh), cview, idx_view(idx.data()), table,
+                                  pages_view(want_pages.data()));
+  // On the GPU, entries it cannot use are skipped: logical page 0 unmapped (-1),
+  // page 1 mapped past the pages, and an index past the tokens.
+  auto holes = table;
+  holes[0] = -1;
+  holes[1] = static_cast<std::int32_t>(num_pages);
+  auto idx_bad = idx;
+  idx_bad[1] = static_cast<std::int32_t>(tokens);
+  auto idx_kept = idx;
+  for (auto& t : idx_kept) { t = (t >= 0 && t < 2 * page) ? -1 : t; }
+  idx_kept[1] = -1;
+  pqkv::cpu::rq_reconstruct_paged(cfg, rq_view(cent.data(), cfg, cbh), cview, idx_view(idx_kept.data()), table,
+                                  pages_view(want_holes.data()));
+  auto dpages = upload(std::vector<Out>(want_pages.size(), pqkv::from_float<Out>(5.f)));
+  auto dholes = upload(std::vector<Out>(want_pages.size(), pqkv::from_float<Out>(5.f)));
+  auto const dtable = upload(table), dholes_table = upload(holes);
+  auto const didx_bad = upload(idx_bad);
+  pqkv::gpu::rq_reconstruct_paged(cfg, rq_view(dc.data(), cfg, cbh), dview, idx_view(didx.data()),
+                                  std::span<std::int32_t const>{dtable.data(), table.size()}, pages_view(dpages.data()),
+                                  nullptr);
+  pqkv::gpu::rq_reconstruct_paged(cfg, rq_view(dc.data(), cfg, cbh), dview, idx_view(didx_bad.data()),
+                                  std::span<std::int32_t const>{dholes_table.data(), holes.size()},
+                                  pages_view(dholes.data()), nullptr);
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  CHECK(std::memcmp(download(dpages, want_pages.size()).data(), want_pages.data(), want_pages.size() * sizeof(Out)) == 0);
+  CHECK(std::memcmp(download(dholes, want_holes.size()).data(), want_holes.data(), want_holes.size() * sizeof(Out)) == 0);
+  // Bad shapes throw before the launch.
+  CHECK(contains(error_message([&] {
+                   pqkv::gpu::rq_reconstruct_paged(
+                     cfg, rq_view(dc.data(), cfg, cbh), dview, idx_view(didx.data()),
+                     std::span<std::int32_t const>{dtable.data(), table.size()},
+                     pqkv::make_strided_view<Out, 4>(dpages.data(), {num_pages, page, heads + 1, dim},
+                                                     {page * heads * dim, heads * dim, dim, 1}),
+                     nullptr);
+                 }),
+                 "pages extents"));
+  CHECK(contains(error_message([&] {
+                   pqkv::gpu::rq_reconstruct_paged(cfg, rq_view(dc.data(), cfg, cbh), dview, idx_view(didx.data()),
+                                                   std::span<std::int32_t const>{table}, pages_view(dpages.data()),
+                                                   nullptr);
+                 }),
+                 "block_table.data() is not device-accessible"));
 }
 
 }  // namespace
 
-TEST_CASE("gpu rq_reconstruct: rows and index lists equal the CPU's bit for bit")
+TEST_CASE("gpu rq_reconstruct: rows, index lists and pages equal the CPU's bit for bit")
 {
   PQKV_REQUIRE_GPU();
   check_reconstruct<std::uint8_t, float>(make_cfg(128, 1, 8, 8), 2, 100, false, false, 151);
