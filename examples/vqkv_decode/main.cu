@@ -247,7 +247,10 @@ int run(options const& o)
   auto const do_prefill = [&] { window.prefill(prefill_rows(all_k), prefill_rows(all_v), stream); };
 
   // ---- 3. one decode step: append, then attention from codes + window, merged ----
-  pqkv::gpu::code_attention const attention{kcfg, vcfg, q_heads, kv_heads, {shape.code_rows()}};
+  pqkv::gpu::code_attention_limits limits;
+  limits.max_tokens = shape.code_rows();
+  limits.blocks_per_sm = o.blocks_per_sm;
+  pqkv::gpu::code_attention const attention{kcfg, vcfg, q_heads, kv_heads, limits};
   pqkv::device_buffer<std::byte> attn_ws(attention.workspace_bytes());
   pqkv::device_buffer<float> q_now(static_cast<std::size_t>(q_heads * dim));
   pqkv::device_buffer<bf16> k_now(static_cast<std::size_t>(kv_heads * dim)), v_now(k_now.size());

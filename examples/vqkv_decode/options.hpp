@@ -19,6 +19,7 @@ struct options {
   bool shared = false;           // one codebook for the layer's KV heads (else one per head)
   int iters = 10;                // Lloyd iterations per stage
   std::int64_t sink = 4, local = 1024, chunk = 64;  // VQKV's window: 4 sink and 1024 local tokens
+  int blocks_per_sm = 2;  // code attention's scan blocks per SM (tuning)
   std::uint64_t seed = 1;
   bool check = false;  // pass/fail checks decide the exit status
   bool quick = false;
@@ -40,6 +41,7 @@ inline void print_usage(std::FILE* f)
     "  --sink N            first tokens kept in bf16 (default 4)\n"
     "  --local N           latest tokens kept in bf16 (default 1024)\n"
     "  --chunk C           tokens leaving the window are encoded C at a time (default 64)\n"
+    "  --blocks-per-sm B   code attention's scan blocks per SM, tuning (default 2)\n"
     "  --seed S            seed of the synthetic keys (default 1)\n"
     "  --check             pass/fail checks decide the exit status (on with --quick)\n"
     "  --quick             smoke run: 4096 tokens, 64 steps, local 256, chunk 16, --check\n",
@@ -83,6 +85,8 @@ inline bool parse(int argc, char** argv, options& o)
     } else if (a == "--chunk") {
       o.chunk = args.integer();
       chunk_set = true;
+    } else if (a == "--blocks-per-sm") {
+      o.blocks_per_sm = static_cast<int>(args.integer());
     } else if (a == "--seed") {
       o.seed = static_cast<std::uint64_t>(args.integer());
     } else if (a == "--check") {
@@ -118,6 +122,7 @@ inline bool parse(int argc, char** argv, options& o)
   in("--sink", o.sink, 0, 1024);
   in("--local", o.local, 1, o.tokens);
   in("--chunk", o.chunk, 1, 4096);
+  in("--blocks-per-sm", o.blocks_per_sm, 1, 8);
   return true;
 }
 
