@@ -22,6 +22,9 @@ std::string error_message(Fn&& fn)
   return {};
 }
 
+/// Whether `s` contains `part` (error-message checks).
+inline bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
+
 /// Gaussian-ish values (sum of four uniforms, mean 0), a pure function of (seed, i).
 inline float noise(std::uint64_t seed, std::uint64_t i)
 {

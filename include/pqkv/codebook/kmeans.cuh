@@ -152,6 +152,18 @@ struct layout {
   }
 };
 
+/// Throws unless `workspace` holds `need` bytes (a trainer's
+/// `workspace_bytes()` is `capacity`), is non-null and 256-byte aligned.
+inline void check_workspace(std::span<std::byte const> workspace, std::size_t need, std::size_t capacity,
+                            char const* where)
+{
+  PQKV_EXPECTS(workspace.size() >= need, where, "workspace.size()=", workspace.size(), " < the ", need,
+               " bytes this call needs (workspace_bytes()=", capacity, ")");
+  PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
+  PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data()) % align == 0, where, "workspace.data() is not ",
+               align, "-byte aligned");
+}
+
 /// The host report of one call from what it left on the device, read back:
 /// its header, per-problem objective histories [problems][hdr.max_iter + 1],
 /// iteration counts and still-active flags.
@@ -332,11 +344,7 @@ class kmeans_trainer {
                    " < tokens=", tokens, " are not produced on the GPU; encode with gpu::pq_encoder");
     }
     auto const l = detail_kmeans::layout::make(cfg_, heads, tokens);
-    PQKV_EXPECTS(workspace.size() >= l.total, where, "workspace.size()=", workspace.size(), " < the ", l.total,
-                 " bytes this call needs (workspace_bytes()=", workspace_bytes_, ")");
-    PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
-    PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data()) % detail_kmeans::align == 0, where,
-                 "workspace.data() is not ", detail_kmeans::align, "-byte aligned");
+    detail_kmeans::check_workspace(workspace, l.total, workspace_bytes_, where);
     using pqkv::detail::gpu_check::expect_device_pointer;
     expect_device_pointer(keys.data_handle(), where, "keys.data_handle()");
     expect_device_pointer(centroids.data_handle(), where, "centroids.data_handle()");

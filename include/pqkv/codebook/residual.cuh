@@ -236,11 +236,7 @@ class rq_trainer {
     PQKV_EXPECTS(keys.data_handle() != nullptr, where, "keys.data_handle() is null");
     index_t const cb_heads = centroids.extent(0), rows = heads * tokens / cb_heads;
     auto const l = detail_rq_train::layout::make(cfg_, heads, tokens, cb_heads);
-    PQKV_EXPECTS(workspace.size() >= l.total, where, "workspace.size()=", workspace.size(), " < the ", l.total,
-                 " bytes this call needs (workspace_bytes()=", workspace_bytes_, ")");
-    PQKV_EXPECTS(workspace.data() != nullptr, where, "workspace.data() is null");
-    PQKV_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data()) % detail_kmeans::align == 0, where,
-                 "workspace.data() is not ", detail_kmeans::align, "-byte aligned");
+    detail_kmeans::check_workspace(workspace, l.total, workspace_bytes_, where);
     using pqkv::detail::gpu_check::expect_device_pointer;
     expect_device_pointer(keys.data_handle(), where, "keys.data_handle()");
     expect_device_pointer(centroids.data_handle(), where, "centroids.data_handle()");

@@ -18,11 +18,10 @@
 
 namespace {
 
+using pqkv::test::contains;
 using pqkv::test::error_message;
 
 using pqkv::index_t;
-
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
 /// Keys [heads, tokens, dim]: a few Gaussian-ish blobs plus uniform noise, so
 /// k-means has structure to find but nothing is degenerate.

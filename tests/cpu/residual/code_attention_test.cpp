@@ -6,6 +6,7 @@
 #include <pqkv/decode/residual_reconstruct.hpp>
 #include <pqkv/encode/residual.hpp>
 
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -118,14 +119,8 @@ std::pair<double, double> compare(setup const& s, index_t length, float gain)
 
 pqkv::rq_config make_cfg(index_t dim, int splits, int stages, int bits, bool permute)
 {
-  pqkv::rq_config c;
-  c.dim = dim;
-  c.splits = splits;
-  c.stages = stages;
-  c.bits = bits;
-  if (permute) {
-    for (index_t i = 0; i < dim; ++i) { c.permutation.push_back((i * 5 + 3) % dim); }  // 5 is odd, dim a power of 2
-  }
+  auto c = pqkv::test::rq_test_config(dim, splits, stages, bits);
+  if (permute) { c.permutation = pqkv::test::stride_permutation(dim); }
   return c;
 }
 

@@ -6,6 +6,7 @@
 #include <pqkv/decode/residual_reconstruct.hpp>
 #include <pqkv/encode/residual.hpp>
 
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -23,6 +24,7 @@ namespace {
 using pqkv::index_t;
 using pqkv::test::error_message;
 using pqkv::test::noise;
+using pqkv::test::reversed_pairs;
 
 pqkv::host_tensor<float, 3> random_rows(index_t heads, index_t tokens, index_t dim, std::uint64_t seed)
 {
@@ -49,18 +51,6 @@ pqkv::host_tensor<float, 5> random_centroids(pqkv::rq_config const& cfg, index_t
     }
   }
   return c;
-}
-
-std::vector<index_t> reversed_pairs(index_t dim)
-{
-  // interleaves the two halves (a RoPE-pair-like grouping), then reverses
-  std::vector<index_t> p;
-  for (index_t i = 0; i < dim / 2; ++i) {
-    p.push_back(i);
-    p.push_back(i + dim / 2);
-  }
-  std::reverse(p.begin(), p.end());
-  return p;
 }
 
 /// The contract's split sub-vector of row (h, t), permuted.

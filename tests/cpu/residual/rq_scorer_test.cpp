@@ -10,6 +10,7 @@
 #include <pqkv/score/gqa.hpp>
 #include <pqkv/score/residual_scorer.hpp>
 
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -32,14 +33,8 @@ constexpr double ninf = -std::numeric_limits<double>::infinity();
 
 pqkv::rq_config make_cfg(index_t dim, int splits, int stages, int bits, bool permute)
 {
-  pqkv::rq_config c;
-  c.dim = dim;
-  c.splits = splits;
-  c.stages = stages;
-  c.bits = bits;
-  if (permute) {
-    for (index_t i = 0; i < dim; ++i) { c.permutation.push_back((i * 5 + 3) % dim); }  // 5 is odd, dim a power of 2
-  }
+  auto c = pqkv::test::rq_test_config(dim, splits, stages, bits);
+  if (permute) { c.permutation = pqkv::test::stride_permutation(dim); }
   return c;
 }
 

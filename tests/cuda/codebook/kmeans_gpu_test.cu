@@ -32,9 +32,8 @@
 namespace {
 
 using pqkv::index_t;
+using pqkv::test::contains;
 using pqkv::test::error_message;
-
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
 /// Keys [heads, tokens, dim]: blobs plus noise (structure without degeneracy).
 std::vector<float> make_keys(index_t heads, index_t tokens, index_t dim, std::uint64_t seed)
@@ -158,7 +157,6 @@ pqkv::pq_config small_config(index_t dim, index_t m, int nbits, int iters, pqkv:
   cfg.init = init;
   return cfg;
 }
-
 
 /// "" when equal, else the first (head, token, subspace) whose code differs.
 std::string first_code_difference(std::vector<std::uint8_t> const& got, std::vector<std::uint8_t> const& want,

@@ -28,9 +28,8 @@
 namespace {
 
 using pqkv::index_t;
+using pqkv::test::contains;
 using pqkv::test::error_message;
-
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
 using pqkv::test::download;
 using pqkv::test::upload;
@@ -87,7 +86,6 @@ void check_equal_to_cpu(index_t heads, index_t tokens, index_t dim, index_t m, i
              pqkv::make_view(dcodes.data(), heads, tokens, m), nullptr);
   CHECK(download(dcodes, cpu.size()) == cpu);
 }
-
 
 /// "" when equal, else the first (head, token, subspace) that differs and both codes.
 std::string first_code_difference(std::vector<std::uint8_t> const& got, std::vector<std::uint8_t> const& want,

@@ -22,6 +22,7 @@
 
 #include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -42,33 +43,15 @@ namespace {
 
 using pqkv::index_t;
 using pqkv::test::download;
+using pqkv::test::contains;
 using pqkv::test::error_message;
 using pqkv::test::noise;
 using pqkv::test::upload;
 
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
-
-/// A RoPE-pair-like channel grouping, reversed (as the CPU tests use).
-std::vector<index_t> reversed_pairs(index_t dim)
-{
-  std::vector<index_t> p;
-  for (index_t i = 0; i < dim / 2; ++i) {
-    p.push_back(i);
-    p.push_back(i + dim / 2);
-  }
-  std::reverse(p.begin(), p.end());
-  return p;
-}
-
 pqkv::rq_config make_cfg(index_t dim, int splits, int stages, int bits, bool permute = false, int beam = 1)
 {
-  pqkv::rq_config c;
-  c.dim = dim;
-  c.splits = splits;
-  c.stages = stages;
-  c.bits = bits;
+  auto c = pqkv::test::rq_test_config(dim, splits, stages, bits, permute);
   c.beam = beam;
-  if (permute) { c.permutation = reversed_pairs(dim); }
   return c;
 }
 

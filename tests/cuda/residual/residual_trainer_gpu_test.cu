@@ -16,6 +16,7 @@
 
 #include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -33,19 +34,15 @@ namespace {
 
 using pqkv::index_t;
 using pqkv::test::download;
+using pqkv::test::contains;
 using pqkv::test::error_message;
 using pqkv::test::noise;
+using pqkv::test::reversed_pairs;
 using pqkv::test::upload;
-
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
 pqkv::rq_config make_cfg(index_t dim, int splits, int stages, int bits, int max_iter, pqkv::init_method init)
 {
-  pqkv::rq_config c;
-  c.dim = dim;
-  c.splits = splits;
-  c.stages = stages;
-  c.bits = bits;
+  auto c = pqkv::test::rq_test_config(dim, splits, stages, bits);
   c.max_iter = max_iter;
   c.init = init;
   c.tol = 0;
@@ -127,18 +124,6 @@ std::vector<float> as_vector(pqkv::residual_codebook const& book)
 {
   auto const c = book.centroids();
   return {c.data_handle(), c.data_handle() + pqkv::element_count(c)};
-}
-
-/// The permutation that reverses RoPE-like channel pairs.
-std::vector<index_t> reversed_pairs(index_t dim)
-{
-  std::vector<index_t> p;
-  for (index_t i = 0; i < dim / 2; ++i) {
-    p.push_back(i);
-    p.push_back(i + dim / 2);
-  }
-  std::reverse(p.begin(), p.end());
-  return p;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
+#include "common/residual_util.hpp"
 #include "common/test_util.hpp"
 
 #include <doctest/doctest.h>
@@ -33,22 +34,11 @@ namespace {
 
 using pqkv::index_t;
 using pqkv::test::download;
+using pqkv::test::contains;
 using pqkv::test::error_message;
 using pqkv::test::noise;
 using pqkv::test::upload;
 using half = __half;
-
-bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
-
-pqkv::rq_config make_cfg(index_t dim, int splits, int stages, int bits)
-{
-  pqkv::rq_config c;
-  c.dim = dim;
-  c.splits = splits;
-  c.stages = stages;
-  c.bits = bits;
-  return c;
-}
 
 std::vector<float> make_centroids(pqkv::rq_config const& cfg, index_t heads, std::uint64_t seed)
 {
@@ -196,8 +186,8 @@ pqkv::rq_window_shape make_shape(index_t chunk, index_t capacity)
 TEST_CASE("gpu rq_window: prefill and appends of any size keep the codes of one encode")
 {
   PQKV_REQUIRE_GPU();
-  auto const kcfg = make_cfg(32, 2, 3, 4);   // uint8, shared codebook
-  auto const vcfg = make_cfg(32, 1, 2, 10);  // uint16, per-head codebooks
+  auto const kcfg = pqkv::test::rq_test_config(32, 2, 3, 4);   // uint8, shared codebook
+  auto const vcfg = pqkv::test::rq_test_config(32, 1, 2, 10);  // uint16, per-head codebooks
   for (index_t chunk : {1, 3, 8}) {
     CAPTURE(chunk);
     for (index_t prefill : {0, 3, 21, 37}) {
@@ -221,7 +211,7 @@ TEST_CASE("gpu rq_window: prefill and appends of any size keep the codes of one 
 TEST_CASE("gpu rq_window: one captured step replayed as the sequence grows")
 {
   PQKV_REQUIRE_GPU();
-  auto const cfg = make_cfg(32, 2, 2, 8);
+  auto const cfg = pqkv::test::rq_test_config(32, 2, 2, 8);
   fixture<std::uint8_t, std::uint8_t> f{make_shape(4, 128), cfg, cfg, 100};
   index_t const heads = f.shape.kv_heads, dim = f.shape.dim;
   pqkv::device_buffer<half> in_k(static_cast<std::size_t>(heads * 2 * dim)), in_v(in_k.size());
@@ -251,7 +241,7 @@ TEST_CASE("gpu rq_window: one captured step replayed as the sequence grows")
 TEST_CASE("gpu rq_window: a 512-step decode from one graph: append, then attention read from the codes")
 {
   PQKV_REQUIRE_GPU();
-  auto const kcfg = make_cfg(32, 2, 3, 5), vcfg = make_cfg(32, 1, 2, 6);
+  auto const kcfg = pqkv::test::rq_test_config(32, 2, 3, 5), vcfg = pqkv::test::rq_test_config(32, 1, 2, 6);
   auto shape = make_shape(8, 600);
   shape.local = 32;
   index_t const prefill = 40, steps = 512, q_heads = 4, heads = shape.kv_heads, dim = shape.dim;
@@ -313,7 +303,7 @@ TEST_CASE("gpu rq_window: a 512-step decode from one graph: append, then attenti
 TEST_CASE("gpu rq_window: appends past capacity write nothing and are counted")
 {
   PQKV_REQUIRE_GPU();
-  auto const cfg = make_cfg(32, 1, 2, 6);
+  auto const cfg = pqkv::test::rq_test_config(32, 1, 2, 6);
   fixture<std::uint8_t, std::uint8_t> f{make_shape(4, 28), cfg, cfg, 40};
   f.window.prefill(f.rows(f.dk.data(), 0, 26), f.rows(f.dv.data(), 0, 26), nullptr);
   f.window.append(f.rows(f.dk.data(), 26, 2), f.rows(f.dv.data(), 26, 2), nullptr);
@@ -332,8 +322,8 @@ TEST_CASE("gpu rq_window: appends past capacity write nothing and are counted")
 TEST_CASE("gpu rq_window: bad inputs throw before any launch")
 {
   PQKV_REQUIRE_GPU();
-  auto const cfg = make_cfg(32, 2, 2, 4);
-  auto wide = make_cfg(32, 2, 2, 10);
+  auto const cfg = pqkv::test::rq_test_config(32, 2, 2, 4);
+  auto wide = pqkv::test::rq_test_config(32, 2, 2, 10);
   fixture<std::uint8_t, std::uint8_t> f{make_shape(4, 64), cfg, cfg, 40};
   auto const kc = f.rq(f.dkc.data(), cfg, 1);
   using window8 = pqkv::gpu::rq_window<half, std::uint8_t, std::uint8_t>;
@@ -342,7 +332,7 @@ TEST_CASE("gpu rq_window: bad inputs throw before any launch")
   bad_shape = make_shape(0, 64);
   CHECK(contains(error_message([&] { window8(bad_shape, cfg, kc, cfg, kc); }), "chunk=0"));
   CHECK(contains(error_message([&] { window8(make_shape(4, 64), wide, kc, cfg, kc); }), "too narrow"));
-  auto other_dim = make_cfg(64, 2, 2, 4);
+  auto other_dim = pqkv::test::rq_test_config(64, 2, 2, 4);
   CHECK(contains(error_message([&] { window8(make_shape(4, 64), cfg, kc, other_dim, kc); }), "value_config.dim=64"));
   pqkv::rq_centroids_view<float const> const three{f.dkc.data(), 3, 2, 2, 16, 16};
   CHECK(contains(error_message([&] { window8(make_shape(4, 64), cfg, three, cfg, kc); }), "gpu::rq_window"));
