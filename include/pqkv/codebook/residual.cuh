@@ -259,7 +259,7 @@ class rq_trainer {
       pqkv::detail::rq_gpu::make_channel_map(cfg_), elements, r, partial, hdr,
       reinterpret_cast<kern::header*>(ws + l.hdr));
     PQKV_CUDA_CHECK_LAST();
-    kern::finish_mean_kernel<<<1, kern::threads, 0, stream>>>(partial, blocks, heads * tokens, mse);
+    kern::finish_mean_kernel<><<<1, kern::threads, 0, stream>>>(partial, blocks, heads * tokens, mse);
     PQKV_CUDA_CHECK_LAST();
 
     // The stage's codebooks of every (codebook head, split) are rows of
@@ -282,12 +282,12 @@ class rq_trainer {
                                       cudaMemcpyDeviceToDevice, stream));
       save_stage_report(ws, l, st, cb_heads, rows, stream);
       encoder_.encode(residual, stage_rq, stage_codes, stream);
-      kern::subtract_kernel<<<blocks, kern::threads, 0, stream>>>(
+      kern::subtract_kernel<><<<blocks, kern::threads, 0, stream>>>(
         r, codes, centroids.data_handle(), rows, static_cast<int>(dim), static_cast<int>(splits),
         static_cast<int>(stages), static_cast<int>(st), static_cast<int>(ksub), static_cast<int>(dsub), elements,
         partial);
       PQKV_CUDA_CHECK_LAST();
-      kern::finish_mean_kernel<<<1, kern::threads, 0, stream>>>(partial, blocks, heads * tokens, mse + st + 1);
+      kern::finish_mean_kernel<><<<1, kern::threads, 0, stream>>>(partial, blocks, heads * tokens, mse + st + 1);
       PQKV_CUDA_CHECK_LAST();
     }
   }

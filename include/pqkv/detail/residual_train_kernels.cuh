@@ -43,7 +43,7 @@ struct header {
 inline constexpr std::uint32_t header_magic = 0x52515452u;  // "RQTR"
 
 /// `acc` summed over the block by a fixed tree; the result is thread 0's.
-__device__ __forceinline__ double block_sum(double acc)
+inline __device__ __forceinline__ double block_sum(double acc)
 {
   __shared__ double sums[threads];
   sums[threadIdx.x] = acc;
@@ -79,7 +79,10 @@ __global__ void __launch_bounds__(threads)
 
 /// One stage's update: r[row, s * dsub + i] -= C(hc, s, stage, code, i) with
 /// code = codes[row, s] (the greedy code of the stage), rounded to float;
-/// partial sums of the new r^2 per block.
+/// partial sums of the new r^2 per block. (The unused template parameter keeps
+/// the kernel out of the strong symbols of every translation unit that
+/// includes this header.)
+template <int = 0>
 __global__ void __launch_bounds__(threads)
   subtract_kernel(float* r, std::uint8_t const* codes, float const* centroids, index_t rows_per_cb_head, int dim,
                   int splits, int stages, int stage, int ksub, int dsub, index_t elements, double* partial)
@@ -100,6 +103,7 @@ __global__ void __launch_bounds__(threads)
 }
 
 /// One block: out = (sum of partial[0..count) by a fixed tree) / rows.
+template <int = 0>
 __global__ void __launch_bounds__(threads) finish_mean_kernel(double const* partial, int count, index_t rows, double* out)
 {
   double acc = 0;
