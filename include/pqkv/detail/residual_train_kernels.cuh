@@ -43,7 +43,7 @@ struct header {
 inline constexpr std::uint32_t header_magic = 0x52515452u;  // "RQTR"
 
 /// `acc` summed over the block by a fixed tree; the result is thread 0's.
-inline __device__ __forceinline__ double block_sum(double acc)
+__device__ __forceinline__ double block_sum(double acc)
 {
   __shared__ double sums[threads];
   sums[threadIdx.x] = acc;
