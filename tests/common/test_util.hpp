@@ -5,8 +5,11 @@
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/random.hpp>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pqkv::test {
 
@@ -31,6 +34,24 @@ inline float noise(std::uint64_t seed, std::uint64_t i)
   double s = 0;
   for (std::uint64_t r = 0; r < 4; ++r) { s += pqkv::detail::random_unit(seed, i, r); }
   return static_cast<float>(s - 2.0);
+}
+
+/// The best k of scores s over tokens [first, last) by a full sort (score
+/// descending, ties to the lower index): the chosen indices ascending, then
+/// -1 up to `len` (the selection contract's reference).
+template <class Score>
+std::vector<std::int32_t> oracle_topk(std::vector<Score> const& s, std::int64_t first, std::int64_t last,
+                                      std::int64_t k, std::int64_t len)
+{
+  std::vector<std::int32_t> idx;
+  for (std::int64_t t = first; t < last; ++t) { idx.push_back(static_cast<std::int32_t>(t)); }
+  std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) {
+    return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
+  });
+  idx.resize(std::min<std::size_t>(idx.size(), static_cast<std::size_t>(k)));
+  std::sort(idx.begin(), idx.end());
+  idx.resize(static_cast<std::size_t>(len), -1);
+  return idx;
 }
 
 }  // namespace pqkv::test

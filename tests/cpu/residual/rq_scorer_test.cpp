@@ -28,6 +28,7 @@ namespace {
 
 using pqkv::index_t;
 using pqkv::test::error_message;
+using pqkv::test::oracle_topk;
 using pqkv::test::noise;
 constexpr double ninf = -std::numeric_limits<double>::infinity();
 
@@ -130,21 +131,6 @@ std::vector<double> reference_scores(std::vector<float> const& logits, index_t r
   return out;
 }
 
-/// Brute-force selection: candidates [first, last) sorted by score descending,
-/// ties to the lower index; the best k, ascending, -1 padded to len.
-std::vector<std::int32_t> brute_topk(std::vector<double> const& s, index_t first, index_t last, index_t k, index_t len)
-{
-  std::vector<std::int32_t> idx;
-  for (index_t t = first; t < last; ++t) { idx.push_back(static_cast<std::int32_t>(t)); }
-  std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) {
-    return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
-  });
-  idx.resize(std::min<std::size_t>(idx.size(), static_cast<std::size_t>(k)));
-  std::sort(idx.begin(), idx.end());
-  idx.resize(static_cast<std::size_t>(len), -1);
-  return idx;
-}
-
 template <class T>
 std::vector<T> row_of(pqkv::host_tensor<T, 2> const& t, index_t g, index_t len)
 {
@@ -201,7 +187,7 @@ void check_against_contract(problem<Code> const& p, index_t n, index_t sink, ind
         }
       }
       ++checked;
-      CHECK(row_of(got.sel, g, k_cap) == brute_topk(ref[static_cast<std::size_t>(g)], cand.first, cand.last, k, k_cap));
+      CHECK(row_of(got.sel, g, k_cap) == oracle_topk(ref[static_cast<std::size_t>(g)], cand.first, cand.last, k, k_cap));
       if (k == 1 && n > 0) {  // scores: the contract's bits for sum / max, 1e-5 relative for softmax
         for (index_t t = 0; t < n; ++t) {
           double const want = ref[static_cast<std::size_t>(g)][static_cast<std::size_t>(t)];

@@ -21,6 +21,7 @@
 namespace {
 
 using pqkv::test::noise;
+using pqkv::test::oracle_topk;
 
 using pqkv::index_t;
 constexpr float ninf = -std::numeric_limits<float>::infinity();
@@ -102,21 +103,6 @@ std::vector<float> contract_scores(problem const& p, index_t g, index_t sink, in
     out[static_cast<std::size_t>(t)] = agg.finish(acc);
   }
   return out;
-}
-
-/// The best k of scores over [first, last), by a full sort: ascending indices, -1 padded to `len`.
-std::vector<std::int32_t> oracle_topk(std::vector<float> const& s, index_t first, index_t last, index_t k,
-                                      index_t len)
-{
-  std::vector<std::int32_t> idx;
-  for (index_t t = first; t < last; ++t) { idx.push_back(static_cast<std::int32_t>(t)); }
-  std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) {
-    return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
-  });
-  idx.resize(std::min<std::size_t>(idx.size(), static_cast<std::size_t>(k)));
-  std::sort(idx.begin(), idx.end());
-  idx.resize(static_cast<std::size_t>(len), -1);
-  return idx;
 }
 
 std::vector<float> score_row(result const& r, index_t g, index_t n)
