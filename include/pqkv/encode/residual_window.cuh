@@ -174,16 +174,8 @@ class rq_window {
   [[nodiscard]] view<T const, 3> ring_keys() const noexcept { return rows_view(k_ring_.data(), shape_.ring()); }
   [[nodiscard]] view<T const, 3> ring_values() const noexcept { return rows_view(v_ring_.data(), shape_.ring()); }
   /// [kv_heads, capacity - sink, splits * stages] (device); rows [0, coded) are live.
-  [[nodiscard]] view<KCode const, 3> key_codes() const noexcept
-  {
-    return make_view<KCode const>(k_codes_.data(), shape_.kv_heads, shape_.code_rows(),
-                                  key_enc_.config().codes_per_row());
-  }
-  [[nodiscard]] view<VCode const, 3> value_codes() const noexcept
-  {
-    return make_view<VCode const>(v_codes_.data(), shape_.kv_heads, shape_.code_rows(),
-                                  value_enc_.config().codes_per_row());
-  }
+  [[nodiscard]] view<KCode const, 3> key_codes() const noexcept { return pqkv::as_const(key_codes_mut()); }
+  [[nodiscard]] view<VCode const, 3> value_codes() const noexcept { return pqkv::as_const(value_codes_mut()); }
 
  private:
   void check_side(rq_config const& cfg, rq_centroids_view<float const> c, char const* side) const
