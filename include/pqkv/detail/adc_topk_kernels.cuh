@@ -16,13 +16,13 @@
 ///            a contiguous slice of the row's candidates: (softmax: the row's
 ///            max and Z from the chunks' statistics, in chunk order, then the
 ///            keys) the keys of its slice into shared memory when they fit;
-///            3 radix passes (11 + 11 + 10 bits) in which the cluster sums
-///            the blocks' histograms through distributed shared memory (each
-///            block sums 1/C of the bins over all blocks) and every block
-///            finds the same digit of the k-th best key T; then each block
-///            counts its keys above and equal to T, takes the counts of the
-///            lower-ranked blocks (their tokens come first) and writes its
-///            selected token indices ascending.
+///            3 radix passes (11 + 11 + 10 bits) in which every block sums
+///            the blocks' histograms through distributed shared memory and
+///            finds the same digit of the k-th best key T (one cluster
+///            barrier a pass); then each block counts its keys above and
+///            equal to T, takes the counts of the lower-ranked blocks (their
+///            tokens come first) and writes its selected token indices
+///            ascending (warp ballots, one scan of the warps' counts a tile).
 /// score and select start as programmatic dependents of the kernel before
 /// them (their launch overlaps its tail; they wait for its results with
 /// griddepcontrol.wait). Every reduction has a fixed order, so results do not
@@ -60,7 +60,7 @@ inline constexpr int max_group = 8;      ///< largest q-heads-per-KV-head group 
 inline constexpr int max_cluster = 16;   ///< blocks per row (Hopper's non-portable cluster limit)
 inline constexpr int hist_bins = 2048;   ///< 11 key bits per pass (the last pass uses 10)
 inline constexpr int radix_passes = 3;
-inline constexpr int emit_items = 16;    ///< consecutive tokens per thread in the emit step
+inline constexpr int emit_items = 16;    ///< tokens per thread in an emit tile (32 apart)
 inline constexpr int lut_threads = 256;
 inline constexpr int lut_centroids = 32; ///< centroids per block of the LUT kernel
 
@@ -633,17 +633,12 @@ __device__ __forceinline__ uint2 walk_down(std::uint32_t const* h, int nb, std::
   return pick;
 }
 
-/// Shared state of a select block that other blocks of the cluster read.
-struct cluster_shared {
-  std::uint32_t slice_total[2];  ///< keys in this block's share of the bins, per pass parity
-  std::uint32_t counts[2];       ///< this block's keys above T, equal to T
-};
 
 /// Dynamic shared memory of a select block: histograms, then the keys of
 /// its slice when they fit.
 struct select_smem {
   static constexpr std::size_t hist = 0;                                         // u32 [2][hist_bins]
-  static constexpr std::size_t comb = 2 * hist_bins * sizeof(std::uint32_t);     // u32 [2][hist_bins / 2]
+  static constexpr std::size_t comb = 2 * hist_bins * sizeof(std::uint32_t);     // u32 [hist_bins]
   static constexpr std::size_t keys = comb + hist_bins * sizeof(std::uint32_t);  // u32 [store_tokens]
   [[nodiscard]] static constexpr std::size_t bytes(int store_tokens)
   {
@@ -675,17 +670,115 @@ __device__ __forceinline__ void row_stats(args const& a, int row, int chunks, fl
   }
 }
 
+/// Per-warp offsets of one emit tile, and the tile's totals.
+struct emit_scratch {
+  std::uint32_t first_out[warps];  ///< output position of the warp's first selected token
+  std::uint32_t first_eq[warps];   ///< rank among the row's keys equal to T of the warp's first one
+  std::uint32_t sel_total, eq_total;
+};
+
+/// Writes the selected tokens of the slice [t0, t1) ascending from output
+/// position `pos`: every key above T, and keys equal to T while their rank
+/// among the row's equal keys (`eq_before` in lower blocks) is below
+/// th.remaining. Tiles of select_threads * emit_items tokens; warp w takes
+/// tokens [w * 32 * emit_items, (w + 1) * 32 * emit_items) of a tile, item i
+/// of lane l being token i * 32 + l (conflict-free shared loads, coalesced
+/// stores). Ballots give each warp its counts; warp 0 scans the 32 warps'
+/// counts, so a tile costs two block barriers.
+__device__ __forceinline__ void emit_slice(args const& a, int row, token_store const& st, index_t t0, index_t t1,
+                                           threshold const& th, std::uint32_t pos, std::uint32_t eq_before,
+                                           emit_scratch& s)
+{
+  constexpr unsigned full = 0xffffffffu;
+  int const lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  unsigned const lanes_below = (1u << lane) - 1u;
+  std::int32_t* out_row = a.out + static_cast<std::size_t>(row) * a.out_k;
+  constexpr index_t tile = static_cast<index_t>(select_threads) * emit_items;
+  for (index_t base = t0; base < t1; base += tile) {
+    index_t const wbase = base + static_cast<index_t>(warp) * (32 * emit_items) + lane;
+    // Lane i < emit_items keeps the ballot of keys above T of item i, lane
+    // emit_items + i the ballot of keys equal to T.
+    unsigned mask = 0;
+    std::uint32_t key[emit_items];
+#pragma unroll
+    for (int i = 0; i < emit_items; ++i) {
+      index_t const t = wbase + i * 32;
+      key[i] = t < t1 ? st.key(t) : 0u;
+    }
+#pragma unroll
+    for (int i = 0; i < emit_items; ++i) {
+      bool const valid = wbase + i * 32 < t1;
+      unsigned const gt = __ballot_sync(full, valid && key[i] > th.key);
+      unsigned const eq = __ballot_sync(full, valid && key[i] == th.key);
+      mask = lane == i ? gt : (lane == emit_items + i ? eq : mask);
+    }
+    static_assert(2 * emit_items <= 32);
+    std::uint32_t const gt_count = __reduce_add_sync(full, lane < emit_items ? __popc(mask) : 0u);
+    std::uint32_t const eq_count = __reduce_add_sync(full, lane >= emit_items ? __popc(mask) : 0u);
+    if (lane == 0) {
+      s.first_out[warp] = gt_count;
+      s.first_eq[warp] = eq_count;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Warps in token order: the equal keys each takes, then its output offset.
+      std::uint32_t const g = s.first_out[lane], e = s.first_eq[lane];
+      std::uint32_t e_incl = e;
+      for (int o = 1; o < 32; o *= 2) {
+        std::uint32_t const y = __shfl_up_sync(full, e_incl, o);
+        if (lane >= o) { e_incl += y; }
+      }
+      std::uint32_t const e_first = eq_before + e_incl - e;
+      std::uint32_t const room = e_first < th.remaining ? th.remaining - e_first : 0u;
+      std::uint32_t const sel = g + (e < room ? e : room);
+      std::uint32_t sel_incl = sel;
+      for (int o = 1; o < 32; o *= 2) {
+        std::uint32_t const y = __shfl_up_sync(full, sel_incl, o);
+        if (lane >= o) { sel_incl += y; }
+      }
+      s.first_out[lane] = pos + sel_incl - sel;
+      s.first_eq[lane] = e_first;
+      if (lane == 31) {
+        s.sel_total = sel_incl;
+        s.eq_total = e_incl;
+      }
+    }
+    __syncthreads();
+    std::uint32_t q = s.first_out[warp], e_rank = s.first_eq[warp];
+#pragma unroll
+    for (int i = 0; i < emit_items; ++i) {
+      unsigned const gt = __shfl_sync(full, mask, i);
+      unsigned const eq = __shfl_sync(full, mask, emit_items + i);
+      bool const take = ((gt >> lane) & 1u) != 0u ||
+                        (((eq >> lane) & 1u) != 0u && e_rank + static_cast<std::uint32_t>(__popc(eq & lanes_below)) < th.remaining);
+      unsigned const taken = __ballot_sync(full, take);
+      if (take) {
+        std::uint32_t const at = q + static_cast<std::uint32_t>(__popc(taken & lanes_below));
+        // The score is re-read from the key only when asked for: the
+        // index-only path keeps its registers.
+        if (a.scores != nullptr) { a.scores[static_cast<std::size_t>(row) * a.out_k + at] = rank_key_score(key[i]); }
+        out_row[at] = static_cast<std::int32_t>(wbase + i * 32);
+      }
+      q += static_cast<std::uint32_t>(__popc(taken));
+      e_rank += static_cast<std::uint32_t>(__popc(eq));
+    }
+    pos += s.sel_total;
+    eq_before += s.eq_total;
+  }
+}
+
 /// grid (C, rows), cluster (C, 1, 1), select_threads threads: the selection
 /// of the file's comment.
 template <int R, class Aggregation>
 __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_constant__ args const a, Aggregation agg)
 {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ cluster_shared cs;
+  __shared__ std::uint32_t s_above;  ///< this block's keys whose 22-bit prefix beats T's (other blocks read it)
   __shared__ float s_max[max_group], s_inv_z[max_group];
   __shared__ std::uint32_t s_red[2][warps];
   __shared__ uint2 s_pick;
   __shared__ block_scan::TempStorage temp;
+  __shared__ emit_scratch s_emit;
 
   cg::cluster_group cluster = cg::this_cluster();
   int const rank = static_cast<int>(cluster.block_rank());
@@ -711,6 +804,7 @@ __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_consta
   auto* hist = reinterpret_cast<std::uint32_t*>(smem + select_smem::hist);
   auto* comb = reinterpret_cast<std::uint32_t*>(smem + select_smem::comb);
   for (int i = tid; i < 2 * hist_bins; i += select_threads) { hist[i] = 0u; }
+  if (tid == 0) { s_above = 0u; }
 
   // This block's slice of the candidates, its keys in shared memory when
   // they fit, else in place in the workspace.
@@ -787,10 +881,9 @@ __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_consta
 
   // ---- radix select: 3 digits of the k-th best key T, the same in every block.
   threshold th{0u, static_cast<std::uint32_t>(ri.k_eff)};
-  std::uint32_t gt = 0, eq = 0;  // this block's keys above T, equal to T
+  std::uint32_t gt_before = 0, eq_before = 0;  // keys above T, equal to T, in the lower-ranked blocks
   for (int p = 0; p < radix_passes; ++p) {
     std::uint32_t* own = hist + (p & 1) * hist_bins;
-    std::uint32_t* share = comb + (p & 1) * (hist_bins / 2);
     int const nb = pass_bins(p), shift = pass_shift(p);
     std::uint32_t above_prefix = 0;  // last pass: keys whose 22-bit prefix beats T's
     if (p > 0) {
@@ -825,131 +918,53 @@ __global__ void __launch_bounds__(select_threads, 1) select_kernel(__grid_consta
       __syncthreads();
       pick = walk_down(own, nb, th.remaining, temp, &s_pick);
     } else {
+      bool const last = p == radix_passes - 1;
+      if (last) {
+        std::uint32_t const w = __reduce_add_sync(0xffffffffu, above_prefix);
+        if (tid % 32 == 0 && w != 0u) { atomicAdd(&s_above, w); }
+      }
       cluster.sync();  // every block's histogram of this pass is complete
-      // Sum this block's share of the bins over the cluster, in rank order.
-      // Block `rank` owns bins [rank * bpr, (rank + 1) * bpr), the top ones
-      // belonging to the highest rank (its share may be shorter).
-      int const bpr = (nb + C - 1) / C;
-      auto const share_size = [&](int owner) {
-        int const left = nb - owner * bpr;
-        return left < 0 ? 0 : (left < bpr ? left : bpr);
-      };
-      std::uint32_t mine = 0;
-      for (int i = tid; i < share_size(rank); i += select_threads) {
-        std::uint32_t s = 0;
-        for (int src = 0; src < C; ++src) { s += cluster.map_shared_rank(own, src)[rank * bpr + i]; }
-        share[i] = s;
-        mine += s;
-      }
-      std::uint32_t unused = 0;
-      block_sum_pair(mine, unused, s_red);
-      if (tid == 0) { cs.slice_total[p & 1] = mine; }
-      cluster.sync();  // every share and its total are complete
-      // Which share holds the `remaining`-th key: warp 0 walks the totals from
-      // the top share down.
-      if (tid < 32) {
-        int const src = C - 1 - tid;
-        std::uint32_t const total = tid < C ? cluster.map_shared_rank(&cs, src)->slice_total[p & 1] : 0u;
-        std::uint32_t incl = total;
-        for (int o = 1; o < 32; o *= 2) {
-          std::uint32_t const y = __shfl_up_sync(0xffffffffu, incl, o);
-          if (tid >= o) { incl += y; }
+      // The cluster's histogram, summed in rank order: every block reads
+      // all blocks' bins (loads of all sources in flight together) and walks
+      // the sum itself, so a pass needs one cluster barrier. The other
+      // blocks read `own` until they reach the next pass's barrier; it is
+      // rewritten two passes later.
+      // The last pass has one bin per thread; `lower` keeps its count in
+      // the lower-ranked blocks, whose tokens come first in the output.
+      static_assert(select_threads == 1024, "the last pass has one bin per thread");
+      std::uint32_t lower = 0;
+      for (int i = tid; i < nb; i += select_threads) {
+        std::uint32_t v[max_cluster];
+#pragma unroll
+        for (int src = 0; src < max_cluster; ++src) { v[src] = src < C ? cluster.map_shared_rank(own, src)[i] : 0u; }
+        std::uint32_t sum = 0;
+#pragma unroll
+        for (int src = 0; src < max_cluster; ++src) {
+          lower += src < rank ? v[src] : 0u;
+          sum += v[src];
         }
-        unsigned const hit = __ballot_sync(0xffffffffu, tid < C && incl >= th.remaining);
-        int const lane = __ffs(static_cast<int>(hit)) - 1;
-        std::uint32_t const incl_hit = __shfl_sync(0xffffffffu, incl, lane);
-        std::uint32_t const total_hit = __shfl_sync(0xffffffffu, total, lane);
-        if (tid == 0) { s_pick = make_uint2(static_cast<std::uint32_t>(C - 1 - lane), incl_hit - total_hit); }
+        comb[i] = sum;
       }
       __syncthreads();
-      int const src = static_cast<int>(s_pick.x);
-      std::uint32_t const above_share = s_pick.y;
-      // Copy that share next to this block's other buffers (the other
-      // parity's share: no block reads it during this pass), then walk it.
-      std::uint32_t* tmp = comb + ((p + 1) & 1) * (hist_bins / 2);
-      std::uint32_t const* remote = cluster.map_shared_rank(comb + (p & 1) * (hist_bins / 2), src);
-      int const size = share_size(src);
-      for (int i = tid; i < size; i += select_threads) { tmp[i] = remote[i]; }
-      __syncthreads();
-      pick = walk_down(tmp, size, th.remaining - above_share, temp, &s_pick);
-      pick.x += static_cast<std::uint32_t>(src * bpr);
+      pick = walk_down(comb, nb, th.remaining, temp, &s_pick);
+      if (last) {
+        // Lower blocks' keys above T: above its 22-bit prefix, or in a
+        // higher last digit; equal to T: in its last digit.
+        std::uint32_t g = tid > static_cast<int>(pick.x) ? lower : 0u;
+        std::uint32_t e = tid == static_cast<int>(pick.x) ? lower : 0u;
+        if (tid < rank) { g += *cluster.map_shared_rank(&s_above, tid); }
+        block_sum_pair(g, e, s_red);
+        gt_before = g;
+        eq_before = e;
+      }
     }
     th.key |= pick.x << shift;
     th.remaining = pick.y;
-    if (p == radix_passes - 1) {
-      // This block's keys above T: above T's 22-bit prefix, or equal to it
-      // with a larger last digit.
-      std::uint32_t above_digit = 0;
-      for (int i = tid; i < nb; i += select_threads) { above_digit += i > static_cast<int>(pick.x) ? own[i] : 0u; }
-      gt = above_prefix + above_digit;
-      eq = tid == 0 ? own[pick.x] : 0u;
-      block_sum_pair(gt, eq, s_red);
-    }
   }
 
   // ---- emit: this block's tokens come after those of the lower ranks.
-  std::uint32_t gt_before = 0, eq_before = 0;
-  if (C > 1) {
-    if (tid == 0) {
-      cs.counts[0] = gt;
-      cs.counts[1] = eq;
-    }
-    cluster.sync();
-    std::uint32_t g_part = 0, e_part = 0;
-    if (tid < rank) {
-      cluster_shared const* other = cluster.map_shared_rank(&cs, tid);
-      g_part = other->counts[0];
-      e_part = other->counts[1];
-    }
-    block_sum_pair(g_part, e_part, s_red);
-    gt_before = g_part;
-    eq_before = e_part;
-  }
   std::uint32_t pos = gt_before + (eq_before < th.remaining ? eq_before : th.remaining);
-  // Tiles of emit_items consecutive tokens per thread: one pair of block
-  // scans per tile keeps the order (thread by thread, then within a thread).
-  constexpr index_t tile = static_cast<index_t>(select_threads) * emit_items;
-  for (index_t base = t0; base < t1; base += tile) {
-    index_t const tb = base + static_cast<index_t>(tid) * emit_items;
-    unsigned gt_bits = 0, eq_bits = 0;
-#pragma unroll
-    for (int i = 0; i < emit_items; ++i) {
-      if (tb + i < t1) {
-        std::uint32_t const key = st.key(tb + i);
-        gt_bits |= (key > th.key ? 1u : 0u) << i;
-        eq_bits |= (key == th.key ? 1u : 0u) << i;
-      }
-    }
-    std::uint32_t eq_rank = 0, eq_total = 0;
-    block_scan(temp).ExclusiveSum(static_cast<std::uint32_t>(__popc(eq_bits)), eq_rank, eq_total);
-    __syncthreads();
-    unsigned sel_bits = gt_bits;
-    std::uint32_t e = eq_before + eq_rank;
-#pragma unroll
-    for (int i = 0; i < emit_items; ++i) {
-      if ((eq_bits >> i) & 1u) {
-        sel_bits |= (e < th.remaining ? 1u : 0u) << i;
-        ++e;
-      }
-    }
-    std::uint32_t sel_rank = 0, sel_total = 0;
-    block_scan(temp).ExclusiveSum(static_cast<std::uint32_t>(__popc(sel_bits)), sel_rank, sel_total);
-    __syncthreads();
-    std::uint32_t q = pos + sel_rank;
-#pragma unroll
-    for (int i = 0; i < emit_items; ++i) {
-      if ((sel_bits >> i) & 1u) {
-        // The score is re-read from the key only when asked for: the
-        // index-only path keeps its registers.
-        if (a.scores != nullptr) {
-          a.scores[static_cast<std::size_t>(row) * a.out_k + q] = rank_key_score(st.key(tb + i));
-        }
-        out_row[q++] = static_cast<std::int32_t>(tb + i);
-      }
-    }
-    pos += sel_total;
-    eq_before += eq_total;
-  }
+  emit_slice(a, row, st, t0, t1, th, pos, eq_before, s_emit);
   // No block leaves while another may still read its shared memory.
   if (C > 1) { cluster.sync(); }
 }
