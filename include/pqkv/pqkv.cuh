@@ -26,6 +26,7 @@
 #include <pqkv/schedule/stream_set.cuh>
 #include <pqkv/score/adc_topk.cuh>
 #include <pqkv/score/page_list.cuh>
+#include <pqkv/score/residual_scorer.cuh>
 #include <pqkv/sparse/block_sparse_attention.cuh>
 #include <pqkv/sparse/calibrate.cuh>
 #include <pqkv/sparse/quantize.cuh>

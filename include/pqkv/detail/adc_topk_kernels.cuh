@@ -68,7 +68,7 @@ inline constexpr int lut_centroids = 32; ///< centroids per block of the LUT ker
 struct args {
   void const* q;                 // [batch, q_heads, dim], the LUT kernel's Query type
   std::uint8_t const* codes;     // contiguous: [batch, kv_heads, capacity, m]; paged: the page pool
-  float const* centroids;        // [kv_heads, m, ksub, dsub]
+  float const* centroids;        // PQ: [kv_heads, m, ksub, dsub]; residual: [1|kv_heads, splits, stages, ksub, dsub]
   std::int32_t const* seq_lens;  // [batch]
   std::int32_t* out;             // [batch, kv_heads, out_k]
   std::int32_t* valid;           // [batch, kv_heads]
@@ -88,6 +88,8 @@ struct args {
   index_t sink;
   index_t window;
   int q_heads, kv_heads, r, dim, m, dsub, ksub;
+  int stages;                      ///< codes per channel split (PQ: 1; m / stages splits)
+  bool shared_codebook;            ///< one codebook for every KV head (residual codes)
   int k, out_k;
   int chunk_tokens, max_chunks;
   int store_tokens;  ///< keys a select block keeps in shared memory (0: it works in the workspace)
@@ -131,12 +133,28 @@ __device__ __forceinline__ void warp_hist_add(std::uint32_t* hist, std::uint32_t
 
 // ---- LUT -------------------------------------------------------------------------------
 
-/// grid (m, rows, ksub / lut_centroids): the LUT of subspace j of one row,
-/// interleaved [c][h_local] as `build_group_lut`. Centroids are staged
-/// through shared memory (rows padded to an odd stride, so the threads of a
-/// warp reading different centroids hit different banks).
-template <class Query>
-__global__ void __launch_bounds__(lut_threads) lut_kernel(args a)
+/// The query channel of LUT position i: PQ reads channels in order.
+struct identity_channels {
+  [[nodiscard]] __device__ __forceinline__ int operator()(int i) const { return i; }
+};
+
+/// Residual codes with a channel permutation: position i reads channel
+/// perm[i] (`rq_config::channel`), a kernel parameter.
+struct permuted_channels {
+  static constexpr int max_dim = 512;
+  std::int16_t perm[max_dim];
+  [[nodiscard]] __device__ __forceinline__ int operator()(int i) const { return perm[i]; }
+};
+
+/// grid (m, rows, ksub / lut_centroids): the LUT of code j of one row,
+/// interleaved [c][h_local] as `build_group_lut`. Code j is stage j % stages
+/// of split s = j / stages; its query sub-vector is positions [s * dsub,
+/// (s + 1) * dsub) of the `Channels` order (PQ: stages 1, split = subspace,
+/// identity order). Centroids are staged through shared memory (rows padded
+/// to an odd stride, so the threads of a warp reading different centroids
+/// hit different banks).
+template <class Query, class Channels>
+__global__ void __launch_bounds__(lut_threads) lut_kernel(args a, __grid_constant__ Channels const channels)
 {
   constexpr int tile_floats = 8192;
   __shared__ float cs[tile_floats];
@@ -150,14 +168,17 @@ __global__ void __launch_bounds__(lut_threads) lut_kernel(args a)
     for (int i = static_cast<int>(threadIdx.x); i < hist_bins; i += lut_threads) { h[i] = 0u; }
   }
   int const r = a.r, ksub = a.ksub, dsub = a.dsub, stride = dsub | 1;
+  int const split = j / a.stages, stage = j % a.stages;
   for (int i = static_cast<int>(threadIdx.x); i < r * dsub; i += lut_threads) {
     int const hl = i / dsub, d = i % dsub;
     // Exact widening (half and bf16 are subsets of float): the CPU
     // reference on the converted queries gets the same LUT.
     qs[i] = to_float(static_cast<Query const*>(
-      a.q)[(static_cast<std::size_t>(b) * a.q_heads + g * r + hl) * a.dim + j * dsub + d]);
+      a.q)[(static_cast<std::size_t>(b) * a.q_heads + g * r + hl) * a.dim + channels(split * dsub + d)]);
   }
-  float const* cg = a.centroids + (static_cast<std::size_t>(g) * a.m + j) * ksub * dsub;
+  int const book = a.shared_codebook ? 0 : g;
+  float const* cg =
+    a.centroids + ((static_cast<std::size_t>(book) * (a.m / a.stages) + split) * a.stages + stage) * ksub * dsub;
   float* out = a.lut + (static_cast<std::size_t>(row) * a.m + j) * ksub * r;
   int const c_begin = static_cast<int>(blockIdx.z) * lut_centroids;
   int const c_end = c_begin + lut_centroids < ksub ? c_begin + lut_centroids : ksub;
@@ -1088,13 +1109,14 @@ inline void fill_async(float* p, std::size_t n, float value, cudaStream_t stream
 
 /// Launches the three kernels on `stream`; `a` is complete, `chunks` the
 /// score grid's extent per row. Query is the queries' element type; paged
-/// codes when a.block_table is set.
-template <class Query, class Aggregation>
-void launch(args const& a, Aggregation const& agg, unsigned rows, int chunks, int cluster, cudaStream_t stream)
+/// codes when a.block_table is set; `channels` the LUT's query channel order.
+template <class Query, class Aggregation, class Channels>
+void launch(args const& a, Aggregation const& agg, Channels const& channels, unsigned rows, int chunks, int cluster,
+            cudaStream_t stream)
 {
   if (rows == 0) { return; }
   auto const lut_z = static_cast<unsigned>((a.ksub + lut_centroids - 1) / lut_centroids);
-  lut_kernel<Query><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), lut_threads, 0, stream>>>(a);
+  lut_kernel<Query, Channels><<<dim3(static_cast<unsigned>(a.m), rows, lut_z), lut_threads, 0, stream>>>(a, channels);
   PQKV_CUDA_CHECK_LAST();
   bool const group4 = a.r == 4;
   cudaLaunchAttribute attr[2];

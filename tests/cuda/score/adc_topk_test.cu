@@ -4,7 +4,8 @@
 // gqa::softmax_sum exactly except at near-ties, which are counted and
 // bounded), across m, nbits, k, ragged batches and graph replays; paged codes
 // (bit-equal to contiguous), the scores output, half/bf16 queries, and the
-// page-list helpers against their CPU reference.
+// page-list helpers against their CPU reference; gpu::rq_scorer (residual
+// key codes through the same kernels) against cpu::rq_scorer.
 #include <pqkv/core/device_buffer.cuh>
 #include <pqkv/core/random.hpp>
 #include <pqkv/score/adc_topk.cuh>
@@ -12,9 +13,12 @@
 #include <pqkv/score/page_list.cuh>
 #include <pqkv/score/page_list.hpp>
 #include <pqkv/score/paged_codes.hpp>
+#include <pqkv/score/residual_scorer.cuh>
+#include <pqkv/score/residual_scorer.hpp>
 
 #include "common/cuda_util.cuh"
 #include "common/gpu.hpp"
+#include "common/residual_util.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -933,4 +937,198 @@ TEST_CASE("gpu page lists equal the CPU reference (pages, FlashInfer arrays, slo
   CHECK_THROWS_AS(pqkv::gpu::to_page_indices(s1, v1, 4, {}, pqkv::make_view(o.data(), 1, 2, 3), pqkv::make_view(c.data(), 1, 2),
                                              nullptr),
                   pqkv::error);
+}
+
+// ---- residual (VQKV-style) key codes: gpu::rq_scorer -------------------------------------
+
+namespace {
+
+/// A residual-code case: the adc case's queries, lengths and codes (m =
+/// splits * stages one-byte codes a token), and centroids [books, splits,
+/// stages, 2^bits, dsub].
+struct rq_case {
+  pqkv::rq_config cfg;
+  index_t books = 1;
+  case_data d;
+  std::vector<float> centroids;
+
+  [[nodiscard]] auto centroid_view(float const* p) const
+  {
+    return pqkv::make_view(p, books, cfg.splits, cfg.stages, cfg.ksub(), cfg.dsub());
+  }
+};
+
+rq_case make_rq_case(pqkv::rq_config cfg, index_t q_heads, index_t kv_heads, bool shared, pqkv::selection_params params,
+                     std::vector<std::int32_t> lens, index_t capacity, index_t out_k, std::uint64_t seed)
+{
+  rq_case c;
+  c.cfg = std::move(cfg);
+  c.books = shared ? 1 : kv_heads;
+  // The adc shape only carries the sizes of the shared case data here.
+  pqkv::adc_shape const sizes{q_heads, kv_heads, c.cfg.dim, c.cfg.codes_per_row(), c.cfg.bits};
+  c.d = make_case(sizes, params, std::move(lens), capacity, out_k, seed);
+  c.centroids.resize(static_cast<std::size_t>(c.books * c.cfg.codes_per_row() * c.cfg.ksub() * c.cfg.dsub()));
+  for (std::size_t i = 0; i < c.centroids.size(); ++i) {
+    // Later stages are smaller, as residual codebooks are.
+    auto const stage = static_cast<double>((i / static_cast<std::size_t>(c.cfg.ksub() * c.cfg.dsub())) %
+                                           static_cast<std::size_t>(c.cfg.stages));
+    c.centroids[i] = static_cast<float>((2.0 * pqkv::detail::random_unit(seed, 7, i) - 1.0) / (1.0 + stage));
+  }
+  return c;
+}
+
+template <class Agg>
+result run_cpu_rq(rq_case const& c)
+{
+  case_data const& d = c.d;
+  index_t const kv = d.shape.kv_heads, qh = d.shape.q_heads, dim = c.cfg.dim, nk = c.cfg.codes_per_row();
+  index_t const cap = std::max<index_t>(d.capacity, 1);
+  result r;
+  r.out.assign(static_cast<std::size_t>(d.batch * kv * d.out_k), 0);
+  r.valid.assign(static_cast<std::size_t>(d.batch * kv), 0);
+  r.scores.assign(static_cast<std::size_t>(d.batch * kv * cap), 0.f);
+  for (index_t b = 0; b < d.batch; ++b) {
+    pqkv::cpu::rq_scorer<std::uint8_t, Agg> s{c.cfg, qh, c.centroid_view(c.centroids.data()),
+                                              pqkv::make_view(d.codes.data() + b * kv * d.capacity * nk, kv,
+                                                              d.capacity, nk),
+                                              d.lens[static_cast<std::size_t>(b)], d.params};
+    s.select(pqkv::make_view(d.q.data() + b * qh * dim, qh, dim),
+             pqkv::make_view(r.out.data() + b * kv * d.out_k, kv, d.out_k),
+             pqkv::make_view(r.scores.data() + b * kv * cap, kv, cap));
+    std::copy(s.valid_counts().begin(), s.valid_counts().end(), r.valid.begin() + b * kv);
+  }
+  return r;
+}
+
+template <class Agg>
+gpu_scored run_gpu_rq(rq_case const& c)
+{
+  case_data const& d = c.d;
+  index_t const kv = d.shape.kv_heads;
+  pqkv::gpu::rq_scorer<Agg> const op{c.cfg, d.shape.q_heads, kv, d.params,
+                                     {.max_batch = d.batch, .max_tokens = std::max<index_t>(d.capacity, 1)}};
+  device_case dc(d, op.workspace_bytes());
+  pqkv::device_buffer<float> centroids(c.centroids.size());
+  PQKV_CUDA_TRY(cudaMemcpy(centroids.data(), c.centroids.data(), centroids.size_bytes(), cudaMemcpyHostToDevice));
+  pqkv::device_buffer<float> scores(static_cast<std::size_t>(std::max<index_t>(d.batch * kv * d.out_k, 1)));
+  PQKV_CUDA_TRY(cudaMemset(scores.data(), 0x5A, scores.size_bytes()));
+  op(pqkv::make_view(static_cast<float const*>(dc.q.data()), d.batch, d.shape.q_heads, d.shape.dim),
+     pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, kv, d.capacity, d.shape.m),
+     c.centroid_view(centroids.data()), std::span<std::int32_t const>(dc.lens.data(), static_cast<std::size_t>(d.batch)),
+     pqkv::make_view(dc.out.data(), d.batch, kv, d.out_k), pqkv::make_view(dc.valid.data(), d.batch, kv),
+     pqkv::make_view(scores.data(), d.batch, kv, d.out_k), dc.workspace.span(), nullptr);
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  auto const r = dc.download(d);
+  return {r.out, r.valid, pqkv::test::download(scores, static_cast<std::size_t>(d.batch * kv * d.out_k))};
+}
+
+}  // namespace
+
+TEST_CASE("gpu rq_scorer: selections and scores equal the CPU rq_scorer's (splits, permutations, shared books)")
+{
+  PQKV_REQUIRE_GPU();
+  auto strided = pqkv::test::rq_test_config(64, 4, 3, 4);
+  strided.permutation = pqkv::test::stride_permutation(64);
+  struct setup {
+    pqkv::rq_config cfg;
+    index_t q_heads, kv_heads;
+    bool shared;
+    pqkv::selection_params params;
+    std::vector<std::int32_t> lens;
+    index_t capacity, out_k;
+  };
+  setup const setups[] = {
+    // VQKV's design point for keys: 8 stages of 256, d = 128, group 4.
+    {pqkv::test::rq_test_config(128, 1, 8, 8), 8, 2, false, {.k = 600, .sink = 4, .window = 16}, {3001, 2500}, 3001,
+     600},
+    // Two RoPE-like splits, a shared codebook, group 2, k above one row's candidates.
+    {pqkv::test::rq_test_config(64, 2, 4, 6, true), 4, 2, true, {.k = 2048, .sink = 2, .window = 8}, {2049, 17}, 2049,
+     2048},
+    // Four splits of a strided permutation, group 8, k = 1.
+    {strided, 8, 1, false, {.k = 1, .sink = 0, .window = 0}, {1500}, 1500, 3},
+  };
+  std::uint64_t seed = 300;
+  for (auto const& s : setups) {
+    CAPTURE(s.cfg.splits);
+    CAPTURE(s.cfg.stages);
+    CAPTURE(s.cfg.bits);
+    auto const c = make_rq_case(s.cfg, s.q_heads, s.kv_heads, s.shared, s.params, s.lens, s.capacity, s.out_k, ++seed);
+    {
+      auto const cpu = run_cpu_rq<pqkv::gqa::sum>(c);
+      auto const g = run_gpu_rq<pqkv::gqa::sum>(c);
+      CHECK(g.valid == cpu.valid);
+      CHECK(g.out == cpu.out);
+      CHECK(same_bits(g.scores, cpu_selected_scores(c.d, cpu), "rq sum scores"));
+    }
+    {
+      auto const cpu = run_cpu_rq<pqkv::gqa::max>(c);
+      auto const g = run_gpu_rq<pqkv::gqa::max>(c);
+      CHECK(g.valid == cpu.valid);
+      CHECK(g.out == cpu.out);
+    }
+    {
+      auto const cpu = run_cpu_rq<pqkv::gqa::softmax_sum>(c);
+      auto const g = run_gpu_rq<pqkv::gqa::softmax_sum>(c);
+      index_t const mismatched = check_near_equal(c.d, cpu, result{g.out, g.valid, {}}, 1e-5);
+      CHECK(mismatched <= 4);
+    }
+  }
+}
+
+TEST_CASE("gpu rq_scorer: one stage per split and no permutation is PQ: gpu adc_topk's selection and scores")
+{
+  PQKV_REQUIRE_GPU();
+  auto const shape = shape_of(8, 2, 64, 4, 8);
+  pqkv::selection_params const params{.k = 300, .sink = 4, .window = 8};
+  auto const d = make_case(shape, params, {2000, 1234}, 2000, 300, 77);
+  pqkv::gpu::adc_topk<pqkv::gqa::sum> const pq{shape, params, {.max_batch = 2, .max_tokens = 2000}};
+  device_case dc(d, pq.workspace_bytes());
+  auto const want = run_scored(pq, d, dc,
+                               pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch,
+                                               shape.kv_heads, d.capacity, shape.m));
+  rq_case c;
+  c.cfg = pqkv::test::rq_test_config(64, 4, 1, 8);
+  c.books = shape.kv_heads;
+  c.d = d;
+  c.centroids = d.centroids;  // [kv, m, ksub, dsub] is [kv, splits, 1, ksub, dsub]
+  auto const got = run_gpu_rq<pqkv::gqa::sum>(c);
+  CHECK(got.out == want.out);
+  CHECK(got.valid == want.valid);
+  CHECK(same_bits(got.scores, want.scores, "rq vs pq scores"));
+}
+
+TEST_CASE("gpu rq_scorer: bad configurations and views throw before any launch")
+{
+  PQKV_REQUIRE_GPU();
+  using op_t = pqkv::gpu::rq_scorer<pqkv::gqa::sum>;
+  pqkv::selection_params const params{.k = 8};
+  pqkv::gpu::adc_limits const limits{.max_batch = 1, .max_tokens = 64};
+  CHECK_THROWS_AS(op_t(pqkv::test::rq_test_config(64, 1, 4, 9), 4, 2, params, limits), pqkv::error);    // bits > 8
+  CHECK_THROWS_AS(op_t(pqkv::test::rq_test_config(64, 1, 4, 8), 6, 4, params, limits), pqkv::error);    // q % kv
+  CHECK_THROWS_AS(op_t(pqkv::test::rq_test_config(64, 1, 4, 8), 32, 2, params, limits), pqkv::error);   // group 16
+  CHECK_THROWS_AS(op_t(pqkv::test::rq_test_config(1024, 2, 4, 8), 4, 2, params, limits), pqkv::error);  // dim > 512
+  CHECK_THROWS_AS(op_t(pqkv::test::rq_test_config(64, 1, 64, 8), 8, 2, params, limits), pqkv::error);   // LUT > smem
+  op_t const op{pqkv::test::rq_test_config(64, 2, 2, 8), 4, 2, params, limits};
+  pqkv::device_buffer<float> q(4 * 64), cent(2 * 2 * 2 * 256 * 32);
+  pqkv::device_buffer<std::uint8_t> codes(2 * 64 * 4);
+  pqkv::device_buffer<std::int32_t> lens(1), out(2 * 8), valid(2);
+  pqkv::device_buffer<std::byte> ws(op.workspace_bytes());
+  PQKV_CUDA_TRY(cudaMemset(out.data(), 0x5A, out.size_bytes()));
+  auto const qv = pqkv::make_view(static_cast<float const*>(q.data()), 1, 4, 64);
+  std::span<std::int32_t const> const lv(lens.data(), 1);
+  auto const ov = pqkv::make_view(out.data(), 1, 2, 8);
+  auto const vv = pqkv::make_view(valid.data(), 1, 2);
+  auto const cv = [&](index_t books, index_t stages) {
+    return pqkv::make_view(static_cast<float const*>(cent.data()), books, 2, stages, 256, 32);
+  };
+  auto const kv = [&](index_t m) { return pqkv::make_view(static_cast<std::uint8_t const*>(codes.data()), 1, 2, 64, m); };
+  CHECK_NOTHROW(op(qv, kv(4), cv(2, 2), lv, ov, vv, ws.span(), nullptr));
+  PQKV_CUDA_TRY(cudaDeviceSynchronize());
+  PQKV_CUDA_TRY(cudaMemset(out.data(), 0x5A, out.size_bytes()));
+  CHECK_THROWS_AS(op(qv, kv(3), cv(2, 2), lv, ov, vv, ws.span(), nullptr), pqkv::error);  // codes per token
+  CHECK_THROWS_AS(op(qv, kv(4), cv(3, 2), lv, ov, vv, ws.span(), nullptr), pqkv::error);  // codebook heads
+  CHECK_THROWS_AS(op(qv, kv(4), cv(2, 1), lv, ov, vv, ws.span(), nullptr), pqkv::error);  // stages
+  CHECK_THROWS_AS(op(qv, kv(4), cv(2, 2), lv, ov, vv, ws.span().first(8), nullptr), pqkv::error);  // workspace
+  auto const after = pqkv::test::download(out, out.size());
+  CHECK(std::all_of(after.begin(), after.end(), [](std::int32_t v) { return v == 0x5A5A5A5A; }));
 }
