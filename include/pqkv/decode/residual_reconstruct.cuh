@@ -30,6 +30,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <type_traits>
@@ -86,6 +88,101 @@ __global__ void __launch_bounds__(reconstruct_threads) reconstruct_kernel(recons
       }
     }
     o[index_t{a.map.perm[d]} * a.o2] = from_float<Out>(acc);
+  }
+}
+
+// ---- sliced path: a channel slice of every stage's codebook in shared memory ------------
+
+/// Channels a block of the sliced kernel rebuilds (a half-warp, one per lane).
+inline constexpr int slice_channels = 16;
+inline constexpr int sliced_threads = 1024;
+/// Rows a half-warp takes per step: their code loads are in flight together.
+inline constexpr int sliced_rows = 4;
+/// Most stages the sliced kernel takes (one code per lane of a half-warp).
+inline constexpr int sliced_max_stages = 16;
+
+/// Dynamic shared memory of the sliced kernel: [stages, ksub, slice_channels] floats.
+[[nodiscard]] constexpr std::size_t sliced_smem_bytes(int stages, int ksub) noexcept
+{
+  return static_cast<std::size_t>(stages) * static_cast<std::size_t>(ksub) * slice_channels * sizeof(float);
+}
+
+/// grid (row blocks, dim / slice_channels, heads), sliced_threads threads:
+/// slice y holds permuted channels [16 y, 16 y + 16) of split s; the block
+/// copies those channels of every codeword of split s into shared memory
+/// once, then rebuilds them for rows [x * rows_per_block, ...). Each
+/// half-warp takes sliced_rows rows at a time; lane l < stages of it loads
+/// stage l's code of a row (one coalesced read), the others get it by
+/// shuffle, and lane c adds the stages of channel c in ascending order (the
+/// contract's chain, so the values are the row kernel's bit for bit). The
+/// codebook then costs one read per block instead of 4 x stages bytes per
+/// element written.
+template <class Code, class Out>
+__global__ void __launch_bounds__(sliced_threads, 1)
+  reconstruct_sliced_kernel(reconstruct_args<Code, Out> const a, index_t rows_per_block)
+{
+  extern __shared__ __align__(16) float book[];  // [stages, ksub, slice_channels]
+  int const h = static_cast<int>(blockIdx.z);
+  int const c0 = static_cast<int>(blockIdx.y) * slice_channels;
+  int const s = c0 / a.dsub, i0 = c0 % a.dsub;
+  int const entries = a.stages * a.ksub;
+  float const* const src =
+    a.centroids + static_cast<std::size_t>((a.shared ? 0 : h) * a.splits + s) * entries * a.dsub + i0;
+  for (int e = static_cast<int>(threadIdx.x); e < entries * (slice_channels / 4); e += sliced_threads) {
+    int const entry = e / (slice_channels / 4), quarter = e % (slice_channels / 4);
+    reinterpret_cast<float4*>(book)[e] =
+      __ldg(reinterpret_cast<float4 const*>(src + static_cast<std::size_t>(entry) * a.dsub) + quarter);
+  }
+  __syncthreads();
+
+  int const lane = static_cast<int>(threadIdx.x) % slice_channels;
+  int const warp = static_cast<int>(threadIdx.x) / 32, half = static_cast<int>(threadIdx.x) % 32 / slice_channels;
+  constexpr int warps = sliced_threads / 32, warp_rows = 2 * sliced_rows;
+  unsigned const mask = static_cast<unsigned>(a.ksub - 1);
+  int const n = a.splits * a.stages;
+  index_t const out_channel = index_t{a.map.perm[c0 + lane]} * a.o2;
+  index_t const j_begin = static_cast<index_t>(blockIdx.x) * rows_per_block;
+  index_t const j_end = j_begin + rows_per_block < a.count ? j_begin + rows_per_block : a.count;
+  // Trip counts are the warp's (both halves shuffle together); rows past
+  // j_end are skipped.
+  for (index_t jw = j_begin + static_cast<index_t>(warp) * warp_rows; jw < j_end;
+       jw += static_cast<index_t>(warps) * warp_rows) {
+    index_t const j0 = jw + static_cast<index_t>(half) * sliced_rows;
+    index_t t[sliced_rows];
+    unsigned code[sliced_rows];
+#pragma unroll
+    for (int r = 0; r < sliced_rows; ++r) {
+      index_t const j = j0 + r;
+      t[r] = -1;
+      if (j < j_end) {
+        t[r] = a.first + j;
+        if (a.indices != nullptr) {
+          t[r] = a.indices[static_cast<index_t>(h) * a.count + j];
+          if (t[r] >= a.tokens) { t[r] = -1; }
+        }
+      }
+      code[r] = t[r] >= 0 && lane < a.stages
+                  ? static_cast<unsigned>(a.codes[(static_cast<index_t>(h) * a.tokens + t[r]) * n + s * a.stages + lane]) & mask
+                  : 0u;
+    }
+#pragma unroll
+    for (int r = 0; r < sliced_rows; ++r) {
+      index_t const j = j0 + r;
+      float acc = 0.f;
+      for (int st = 0; st < a.stages; ++st) {
+        unsigned const c = __shfl_sync(0xffffffffu, code[r], st, slice_channels);
+        acc = __fadd_rn(acc, book[(st * a.ksub + static_cast<int>(c)) * slice_channels + lane]);
+      }
+      if (j >= j_end) { continue; }
+      Out* o = a.out + h * a.o0 + j * a.o1;
+      if (a.block_table != nullptr) {  // paged: only valid tokens on mapped pages are written
+        if (t[r] < 0 || t[r] / a.page_size >= a.table_len) { continue; }
+        index_t const phys = a.block_table[t[r] / a.page_size];
+        if (phys < 0 || phys >= a.num_pages) { continue; }
+        o = a.out + phys * a.p0 + (t[r] % a.page_size) * a.p1 + h * a.o0;
+      }
+      o[out_channel] = from_float<Out>(t[r] >= 0 ? acc : 0.f);
+    }
   }
 }
 
@@ -157,6 +254,29 @@ void reconstruct(rq_config const& cfg, rq_centroids_view<float const> centroids,
   a.dsub = static_cast<int>(cfg.dsub());
   a.shared = centroids.extent(0) == 1;
   a.map = kern::make_channel_map(cfg);
+  // The sliced kernel when a channel slice of every stage's codebook fits in
+  // shared memory; else one block per row reading the codebook from L2.
+  int device = 0, smem_optin = 0, sms = 0;
+  PQKV_CUDA_TRY(cudaGetDevice(&device));
+  PQKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PQKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  std::size_t const book_bytes = kern::sliced_smem_bytes(cfg.stages, a.ksub);
+  bool const sliced = cfg.stages <= kern::sliced_max_stages && cfg.dsub() % kern::slice_channels == 0 &&
+                      book_bytes <= static_cast<std::size_t>(smem_optin) &&
+                      reinterpret_cast<std::uintptr_t>(centroids.data_handle()) % 16 == 0;
+  if (sliced) {
+    auto* const kernel = kern::reconstruct_sliced_kernel<Code, Out>;
+    PQKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(book_bytes)));
+    // About two blocks per SM in all: each block reads its codebook slice once.
+    index_t const slices = cfg.dim / kern::slice_channels;
+    index_t const per_pair = std::max<index_t>(1, 2 * static_cast<index_t>(sms) / (heads * slices));
+    index_t const rows_per_block = (count + per_pair - 1) / per_pair;
+    index_t const row_blocks = (count + rows_per_block - 1) / rows_per_block;
+    kernel<<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slices), static_cast<unsigned>(heads)),
+             kern::sliced_threads, book_bytes, stream>>>(a, rows_per_block);
+    PQKV_CUDA_CHECK_LAST();
+    return;
+  }
   kern::reconstruct_kernel<Code, Out><<<dim3(static_cast<unsigned>(count), static_cast<unsigned>(heads)),
                                         kern::reconstruct_threads, 0, stream>>>(a);
   PQKV_CUDA_CHECK_LAST();

@@ -928,6 +928,8 @@ TEST_CASE("gpu rq_reconstruct: rows, index lists and pages equal the CPU's bit f
   check_reconstruct<std::uint16_t, __nv_bfloat16>(make_cfg(128, 1, 5, 10), 2, 80, false, false, 153);
   check_reconstruct<std::uint16_t, float>(make_cfg(64, 4, 3, 16), 2, 40, true, true, 154);
   check_reconstruct<std::uint16_t, __half>(make_cfg(128, 1, 3, 8), 2, 60, false, false, 155);
+  // Enough rows for several row blocks of the sliced kernel (a 192 KB codebook slice).
+  check_reconstruct<std::uint8_t, __nv_bfloat16>(make_cfg(128, 1, 12, 8), 2, 3001, true, false, 156);
 }
 
 TEST_CASE("gpu rq_reconstruct: bad inputs throw before the launch")
