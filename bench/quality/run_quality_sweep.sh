@@ -24,21 +24,10 @@ if [[ "${1:-}" == "--record" ]]; then
   record=1
   shift
 fi
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=bench/quality/script_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/script_env.sh"
 out=${1:-$root/build-quality-sweep}
-cxx=${CXX:-g++}
-python=${PYTHON:-python3}
-threads=${THREADS:-0}
 mkdir -p "$out"
-
-includes=(-I"$root/include" -I"$root/tests")
-if [[ -n "${CCCL_INCLUDE:-}" ]]; then
-  includes+=(-I"$CCCL_INCLUDE")
-else
-  for d in /usr/local/cuda/include/cccl /usr/local/cuda/include; do
-    [[ -d "$d" ]] && includes+=(-I"$d")
-  done
-fi
 
 "$cxx" -std=c++20 -O3 -march=native -DNDEBUG -DPQKV_QUALITY_SWEEP_MAIN "${includes[@]}" \
   "$root/bench/quality/quality_sweep.cpp" -o "$out/quality_sweep" -pthread

@@ -25,21 +25,10 @@ if [[ "${1:-}" == "--record" ]]; then
   record=1
   shift
 fi
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=bench/quality/script_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/script_env.sh"
 out=${1:-$root/build-sale-quality}
-cxx=${CXX:-g++}
-python=${PYTHON:-python3}
-threads=${THREADS:-0}
 mkdir -p "$out"
-
-includes=(-I"$root/include" -I"$root/tests")
-if [[ -n "${CCCL_INCLUDE:-}" ]]; then
-  includes+=(-I"$CCCL_INCLUDE")
-else
-  for d in /usr/local/cuda/include/cccl /usr/local/cuda/include; do
-    [[ -d "$d" ]] && includes+=(-I"$d")
-  done
-fi
 
 # parallel_for uses std::jthread, so -pthread and no OpenMP.
 "$cxx" -std=c++20 -O3 -march=native -DNDEBUG -Wall -Wextra "${includes[@]}" \
