@@ -26,7 +26,9 @@
 ///
 /// Layouts (row-major, device memory):
 /// - queries [batch, q_heads, dim]: float, __half or __nv_bfloat16;
-/// - codes [batch, kv_heads, capacity, splits * stages]: uint8;
+/// - codes [batch, kv_heads, capacity, splits * stages]: uint8, or a
+///   `paged_codes` pool [pages, kv_heads, P, splits * stages] behind a block
+///   table (the same results bit for bit);
 /// - centroids [1|kv_heads, splits, stages, 2^bits, dsub]: float; extent 0
 ///   of 1 means one codebook shared by all KV heads.
 ///
@@ -46,6 +48,7 @@
 #include <pqkv/score/adc_topk.cuh>
 #include <pqkv/score/gqa.hpp>
 #include <pqkv/score/lut.hpp>
+#include <pqkv/score/paged_codes.hpp>
 
 #include <cuda_runtime_api.h>
 
@@ -100,7 +103,8 @@ class rq_scorer {
                   std::span<std::byte> workspace,                // workspace_bytes()
                   cudaStream_t stream) const
   {
-    call(pqkv::as_const(queries), codes, centroids, seq_lens, out, valid_counts, {}, workspace, stream);
+    call(pqkv::as_const(queries), code_source{codes, {}}, centroids, seq_lens, out, valid_counts, {}, workspace,
+         stream);
   }
 
   /// As above, and scores[b][g][i] gets the aggregated score of token
@@ -118,12 +122,34 @@ class rq_scorer {
                   cudaStream_t stream) const
   {
     PQKV_EXPECTS(scores.data_handle() != nullptr || element_count(scores) == 0, where, "scores.data_handle() is null");
-    call(pqkv::as_const(queries), codes, centroids, seq_lens, out, valid_counts, scores, workspace, stream);
+    call(pqkv::as_const(queries), code_source{codes, {}}, centroids, seq_lens, out, valid_counts, scores, workspace,
+         stream);
+  }
+
+  /// Codes in an engine's paged layout (`paged_codes`, score/paged_codes.hpp):
+  /// token t of sequence b, head g is pool[block_table[b][t / P]][g][t % P],
+  /// a row of splits * stages codes. The contiguous call's results, bit for bit.
+  template <class Queries>
+    requires AdcQueryView<Queries>
+  void operator()(Queries queries,                               // [batch, q_heads, dim]
+                  paged_codes const& codes,                      // pool [pages, kv_heads, P, splits * stages]
+                  rq_centroids_view<float const> centroids,      // [1|kv_heads, splits, stages, 2^bits, dsub]
+                  std::span<std::int32_t const> seq_lens,        // [batch]
+                  view<std::int32_t, 3> out,                     // [batch, kv_heads, >= k]
+                  view<std::int32_t, 2> valid_counts,            // [batch, kv_heads]
+                  view<float, 3> scores,                         // [batch, kv_heads, out.extent(2)] or {}
+                  std::span<std::byte> workspace,                // workspace_bytes()
+                  cudaStream_t stream) const
+  {
+    PQKV_EXPECTS(scores.data_handle() != nullptr || element_count(scores) == 0, where, "scores.data_handle() is null");
+    call(pqkv::as_const(queries), code_source{{}, &codes}, centroids, seq_lens, out, valid_counts, scores, workspace,
+         stream);
   }
 
  private:
   static constexpr char const* where = "gpu::rq_scorer";
   using channels_t = pqkv::detail::adc_gpu::permuted_channels;
+  using code_source = pqkv::detail::adc_gpu::code_source;
 
   static rq_config validated(rq_config cfg, index_t q_heads, index_t kv_heads)
   {
@@ -152,13 +178,13 @@ class rq_scorer {
   }
 
   template <class Query>
-  void call(view<Query const, 3> queries, view<std::uint8_t const, 4> codes, rq_centroids_view<float const> centroids,
+  void call(view<Query const, 3> queries, code_source const& codes, rq_centroids_view<float const> centroids,
             std::span<std::int32_t const> seq_lens, view<std::int32_t, 3> out, view<std::int32_t, 2> valid_counts,
             view<float, 3> scores, std::span<std::byte> workspace, cudaStream_t stream) const
   {
     // Device memory: shapes only, never the values.
     check_rq_centroids(centroids, cfg_, kv_heads_, where, false);
-    engine_.run(queries, pqkv::detail::adc_gpu::code_source{codes, {}}, centroids.data_handle(),
+    engine_.run(queries, codes, centroids.data_handle(),
                 centroids.extent(0) == 1, channels_, seq_lens, out, valid_counts, scores, workspace, stream, where);
   }
 

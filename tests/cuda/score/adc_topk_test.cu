@@ -1000,8 +1000,9 @@ result run_cpu_rq(rq_case const& c)
   return r;
 }
 
+/// The GPU scorer on the case's codes, or on them moved into the page pool `ph`.
 template <class Agg>
-gpu_scored run_gpu_rq(rq_case const& c)
+gpu_scored run_gpu_rq(rq_case const& c, paged_host const* ph = nullptr)
 {
   case_data const& d = c.d;
   index_t const kv = d.shape.kv_heads;
@@ -1012,11 +1013,23 @@ gpu_scored run_gpu_rq(rq_case const& c)
   PQKV_CUDA_TRY(cudaMemcpy(centroids.data(), c.centroids.data(), centroids.size_bytes(), cudaMemcpyHostToDevice));
   pqkv::device_buffer<float> scores(static_cast<std::size_t>(std::max<index_t>(d.batch * kv * d.out_k, 1)));
   PQKV_CUDA_TRY(cudaMemset(scores.data(), 0x5A, scores.size_bytes()));
-  op(pqkv::make_view(static_cast<float const*>(dc.q.data()), d.batch, d.shape.q_heads, d.shape.dim),
-     pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, kv, d.capacity, d.shape.m),
-     c.centroid_view(centroids.data()), std::span<std::int32_t const>(dc.lens.data(), static_cast<std::size_t>(d.batch)),
-     pqkv::make_view(dc.out.data(), d.batch, kv, d.out_k), pqkv::make_view(dc.valid.data(), d.batch, kv),
-     pqkv::make_view(scores.data(), d.batch, kv, d.out_k), dc.workspace.span(), nullptr);
+  auto const queries = pqkv::make_view(static_cast<float const*>(dc.q.data()), d.batch, d.shape.q_heads, d.shape.dim);
+  std::span<std::int32_t const> const lens(dc.lens.data(), static_cast<std::size_t>(d.batch));
+  auto const out = pqkv::make_view(dc.out.data(), d.batch, kv, d.out_k);
+  auto const valid = pqkv::make_view(dc.valid.data(), d.batch, kv);
+  auto const score_view = pqkv::make_view(scores.data(), d.batch, kv, d.out_k);
+  if (ph == nullptr) {
+    op(queries, pqkv::make_view(static_cast<std::uint8_t const*>(dc.codes.data()), d.batch, kv, d.capacity, d.shape.m),
+       c.centroid_view(centroids.data()), lens, out, valid, score_view, dc.workspace.span(), nullptr);
+  } else {
+    auto const pool = pqkv::test::upload(ph->pool);
+    auto const table = pqkv::test::upload(ph->table);
+    pqkv::paged_codes const paged{
+      pqkv::make_view(static_cast<std::uint8_t const*>(pool.data()), ph->num_pages, kv, ph->page, d.shape.m),
+      pqkv::make_view(static_cast<std::int32_t const*>(table.data()), d.batch, ph->width)};
+    op(queries, paged, c.centroid_view(centroids.data()), lens, out, valid, score_view, dc.workspace.span(), nullptr);
+    PQKV_CUDA_TRY(cudaDeviceSynchronize());  // before the pool and table are freed
+  }
   PQKV_CUDA_TRY(cudaDeviceSynchronize());
   auto const r = dc.download(d);
   return {r.out, r.valid, pqkv::test::download(scores, static_cast<std::size_t>(d.batch * kv * d.out_k))};
@@ -1095,6 +1108,26 @@ TEST_CASE("gpu rq_scorer: one stage per split and no permutation is PQ: gpu adc_
   CHECK(got.out == want.out);
   CHECK(got.valid == want.valid);
   CHECK(same_bits(got.scores, want.scores, "rq vs pq scores"));
+}
+
+TEST_CASE("gpu rq_scorer: paged codes give the contiguous selection and scores bit for bit")
+{
+  PQKV_REQUIRE_GPU();
+  std::uint64_t seed = 900;
+  for (index_t page : {index_t{16}, index_t{7}}) {
+    CAPTURE(page);
+    index_t const cap = (2048 + page - 1) / page * page + 2 * page;  // table entries past the longest sequence
+    auto const c = make_rq_case(pqkv::test::rq_test_config(64, 2, 4, 8, true), 8, 2, false,
+                                {.k = 200, .sink = 4, .window = 16}, {2048, 999}, cap, 200, ++seed);
+    auto const ph = make_paged(c.d, page, false, ++seed);
+    auto const contiguous = run_gpu_rq<pqkv::gqa::sum>(c);
+    auto const via_pages = run_gpu_rq<pqkv::gqa::sum>(c, &ph);
+    CHECK(via_pages.valid == contiguous.valid);
+    CHECK(via_pages.out == contiguous.out);
+    CHECK(same_bits(via_pages.scores, contiguous.scores, "rq paged vs contiguous scores"));
+    auto const cpu = run_cpu_rq<pqkv::gqa::sum>(c);
+    CHECK(via_pages.out == cpu.out);
+  }
 }
 
 TEST_CASE("gpu rq_scorer: bad configurations and views throw before any launch")
