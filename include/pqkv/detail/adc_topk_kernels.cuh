@@ -133,17 +133,10 @@ __device__ __forceinline__ void warp_hist_add(std::uint32_t* hist, std::uint32_t
 
 // ---- LUT -------------------------------------------------------------------------------
 
-/// The query channel of LUT position i: PQ reads channels in order.
+/// The query channel of LUT position i: PQ reads channels in order
+/// (residual codes pass their `rq_gpu::channel_map`, detail/channel_map.cuh).
 struct identity_channels {
   [[nodiscard]] __device__ __forceinline__ int operator()(int i) const { return i; }
-};
-
-/// Residual codes with a channel permutation: position i reads channel
-/// perm[i] (`rq_config::channel`), a kernel parameter.
-struct permuted_channels {
-  static constexpr int max_dim = 512;
-  std::int16_t perm[max_dim];
-  [[nodiscard]] __device__ __forceinline__ int operator()(int i) const { return perm[i]; }
 };
 
 /// grid (m, rows, ksub / lut_centroids): the LUT of code j of one row,

@@ -34,6 +34,7 @@
 #include <pqkv/core/cuda_try.hpp>
 #include <pqkv/core/dtype.hpp>
 #include <pqkv/core/views.hpp>
+#include <pqkv/detail/channel_map.cuh>
 #include <pqkv/detail/encode_gpu_kernels.cuh>
 
 #include <cooperative_groups.h>
@@ -45,16 +46,8 @@
 
 namespace pqkv::detail::rq_gpu {
 
-/// Largest dim a kernel's channel permutation (a kernel parameter) holds:
-/// 4 splits of 128 channels.
-inline constexpr int max_dim = 512;
 /// Largest beam.
 inline constexpr int max_beam = 16;
-
-/// The permutation of a config, as kernel-parameter data (identity when empty).
-struct channel_map {
-  std::int16_t perm[max_dim];
-};
 
 // ---- greedy encoder ------------------------------------------------------------------------
 

@@ -52,14 +52,6 @@
 
 namespace pqkv::detail::rq_gpu {
 
-/// The kernel form of a config's permutation.
-inline channel_map make_channel_map(rq_config const& cfg)
-{
-  channel_map m{};
-  for (index_t i = 0; i < cfg.dim; ++i) { m.perm[i] = static_cast<std::int16_t>(cfg.channel(i)); }
-  return m;
-}
-
 /// Throws unless `p` is aligned to `bytes`.
 inline void expect_aligned(void const* p, std::size_t bytes, char const* where, char const* what)
 {

@@ -45,6 +45,7 @@
 #include <pqkv/core/error.hpp>
 #include <pqkv/core/views.hpp>
 #include <pqkv/detail/adc_topk_engine.cuh>
+#include <pqkv/detail/channel_map.cuh>
 #include <pqkv/score/adc_topk.cuh>
 #include <pqkv/score/gqa.hpp>
 #include <pqkv/score/lut.hpp>
@@ -73,7 +74,7 @@ class rq_scorer {
             adc_limits const& limits, Aggregation agg = {})
     : cfg_{validated(std::move(key_cfg), q_heads, kv_heads)},
       kv_heads_{kv_heads},
-      channels_{channels_of(cfg_)},
+      channels_{pqkv::detail::rq_gpu::make_channel_map(cfg_)},
       engine_{layout_of(cfg_, q_heads, kv_heads), params, limits, agg, where}
   {
   }
@@ -148,27 +149,20 @@ class rq_scorer {
 
  private:
   static constexpr char const* where = "gpu::rq_scorer";
-  using channels_t = pqkv::detail::adc_gpu::permuted_channels;
   using code_source = pqkv::detail::adc_gpu::code_source;
 
   static rq_config validated(rq_config cfg, index_t q_heads, index_t kv_heads)
   {
     cfg.validate(where);
     PQKV_EXPECTS(cfg.bits <= 8, where, "key_cfg.bits=", cfg.bits, " exceeds 8 (the GPU scorer reads uint8 codes)");
-    PQKV_EXPECTS(cfg.dim <= channels_t::max_dim, where, "key_cfg.dim=", cfg.dim, " exceeds ", channels_t::max_dim);
+    PQKV_EXPECTS(cfg.dim <= pqkv::detail::rq_gpu::max_dim, where, "key_cfg.dim=", cfg.dim, " exceeds ",
+                 pqkv::detail::rq_gpu::max_dim);
     PQKV_EXPECTS(cfg.dsub() <= pqkv::detail::max_lut_dsub, where, "key_cfg.dim / splits=", cfg.dsub(), " exceeds ",
                  pqkv::detail::max_lut_dsub);
     PQKV_EXPECTS(kv_heads > 0, where, "kv_heads=", kv_heads, " must be positive");
     PQKV_EXPECTS(q_heads > 0 && q_heads % kv_heads == 0, where, "q_heads=", q_heads,
                  " is not a positive multiple of kv_heads=", kv_heads);
     return cfg;
-  }
-
-  static channels_t channels_of(rq_config const& cfg)
-  {
-    channels_t c{};
-    for (index_t i = 0; i < cfg.dim; ++i) { c.perm[i] = static_cast<std::int16_t>(cfg.channel(i)); }
-    return c;
   }
 
   static pqkv::detail::adc_gpu::code_layout layout_of(rq_config const& cfg, index_t q_heads, index_t kv_heads)
@@ -190,7 +184,7 @@ class rq_scorer {
 
   rq_config cfg_;
   index_t kv_heads_;
-  channels_t channels_;
+  pqkv::detail::rq_gpu::channel_map channels_;
   pqkv::detail::adc_gpu::engine<Aggregation> engine_;
 };
 
